@@ -1,0 +1,255 @@
+"""Access-token verification and typed authorization dependencies.
+
+Tokens are signed by identity (EdDSA/Ed25519, RFC 9068 `typ: at+jwt`) and
+verified everywhere against identity's JWKS. Nothing is trusted because it
+came from inside: every service checks every token itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
+
+import httpx
+import jwt
+import structlog
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from jwt import PyJWK
+
+from chassis.errors import Problem
+
+log = structlog.get_logger("auth")
+
+ALLOWED_ALGORITHMS = ["EdDSA"]
+ACCESS_TOKEN_TYP = "at+jwt"
+
+ROLES = frozenset(
+    {
+        "bureau",
+        "regulator",
+        "school_admin",
+        "head_teacher",
+        "teacher",
+        "parent",
+        "student",
+        "institution",
+        "bank",
+        "auditor",
+        "platform",  # a third-party platform acting through client credentials
+    }
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a user (password flow) or a client (client credentials).
+
+    `tenants` are the objects the caller may act on, as "kind:id" strings:
+    region:<id>, school:<id>, institution:<id>, bank:<id>, department:<code>.
+    `person_id` links a user to the roster (teacher, guardian or student id).
+    """
+
+    subject: str
+    kind: str  # "user" | "client"
+    roles: frozenset[str]
+    tenants: frozenset[str] = frozenset()
+    scopes: frozenset[str] = frozenset()
+    person_id: str | None = None
+    client_id: str | None = None
+    name: str | None = None
+    claims: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def has_role(self, *roles: str) -> bool:
+        return bool(self.roles.intersection(roles))
+
+    def tenant_ids(self, kind: str) -> set[str]:
+        prefix = kind + ":"
+        return {t[len(prefix) :] for t in self.tenants if t.startswith(prefix)}
+
+    def has_tenant(self, kind: str, tenant_id: str) -> bool:
+        return f"{kind}:{tenant_id}" in self.tenants
+
+    @classmethod
+    def from_claims(cls, claims: dict[str, Any]) -> Principal:
+        return cls(
+            subject=str(claims["sub"]),
+            kind=str(claims.get("kind", "user")),
+            roles=frozenset(claims.get("roles", [])),
+            tenants=frozenset(claims.get("tenants", [])),
+            scopes=frozenset(str(claims.get("scope", "")).split()),
+            person_id=claims.get("pid"),
+            client_id=claims.get("client_id"),
+            name=claims.get("name"),
+            claims=claims,
+        )
+
+
+class KeySource(Protocol):
+    async def key_for(self, kid: str | None) -> PyJWK | None: ...
+
+
+class StaticKeySource:
+    """Keys known up front (identity verifying its own tokens, tests)."""
+
+    def __init__(self, jwks: dict[str, Any]) -> None:
+        self._keys = {k.get("kid"): PyJWK(k) for k in jwks.get("keys", [])}
+
+    async def key_for(self, kid: str | None) -> PyJWK | None:
+        return self._keys.get(kid)
+
+
+class JwksKeySource:
+    """Identity's JWKS over HTTP, cached; refetched on an unknown `kid`
+    (key rotation), at most once per `min_refetch` seconds."""
+
+    def __init__(self, url: str, *, ttl: float = 300.0, min_refetch: float = 10.0) -> None:
+        self.url = url
+        self.ttl = ttl
+        self.min_refetch = min_refetch
+        self._keys: dict[str | None, PyJWK] = {}
+        self._fetched_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def key_for(self, kid: str | None) -> PyJWK | None:
+        now = time.monotonic()
+        stale = now - self._fetched_at > self.ttl
+        if kid not in self._keys or stale:
+            async with self._lock:
+                now = time.monotonic()
+                if (kid not in self._keys and now - self._fetched_at > self.min_refetch) or (
+                    now - self._fetched_at > self.ttl
+                ):
+                    await self._refresh()
+        return self._keys.get(kid)
+
+    async def _refresh(self) -> None:
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.get(self.url)
+                response.raise_for_status()
+                jwks = response.json()
+            self._keys = {k.get("kid"): PyJWK(k) for k in jwks.get("keys", [])}
+            self._fetched_at = time.monotonic()
+        except (httpx.HTTPError, ValueError, jwt.PyJWTError) as exc:
+            # Keep the keys we had: a short identity outage must not log everyone out.
+            log.warning("jwks_fetch_failed", url=self.url, error=str(exc))
+            self._fetched_at = time.monotonic() - self.ttl + self.min_refetch
+
+
+class TokenVerifier:
+    def __init__(self, keys: KeySource, *, issuer: str, audience: str, leeway: int = 30) -> None:
+        self.keys = keys
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway = leeway
+
+    async def verify(self, token: str) -> Principal:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise _unauthorized("访问令牌格式无效。") from exc
+        if header.get("alg") not in ALLOWED_ALGORITHMS:
+            raise _unauthorized("访问令牌的签名算法不被接受。")
+        if str(header.get("typ", "")).lower() != ACCESS_TOKEN_TYP:
+            raise _unauthorized("令牌类型不是访问令牌。")
+        key = await self.keys.key_for(header.get("kid"))
+        if key is None:
+            raise _unauthorized("访问令牌的签名密钥未知。")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=ALLOWED_ALGORITHMS,
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self.leeway,
+                options={"require": ["exp", "iat", "iss", "aud", "sub"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise _unauthorized("访问令牌已过期。") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise _unauthorized("访问令牌的受众不正确。") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise _unauthorized("访问令牌的签发方不正确。") from exc
+        except jwt.PyJWTError as exc:
+            raise _unauthorized("访问令牌无效。") from exc
+        return Principal.from_claims(claims)
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+# Documents the bearer scheme in OpenAPI; errors are ours (problem+json).
+_bearer_scheme = HTTPBearer(auto_error=False, description="identity 签发的访问令牌")
+
+
+async def current_principal(
+    request: Request,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer_scheme)],
+) -> Principal:
+    token = bearer_token(request)
+    if token is None:
+        raise Problem(
+            401, "缺少访问令牌（Authorization: Bearer …）。", headers={"WWW-Authenticate": "Bearer"}
+        )
+    verifier: TokenVerifier = request.app.state.token_verifier
+    principal = await verifier.verify(token)
+    request.state.principal = principal
+    return principal
+
+
+async def optional_principal(request: Request) -> Principal | None:
+    if bearer_token(request) is None:
+        return None
+    return await current_principal(request, None)
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+OptionalPrincipal = Annotated[Principal | None, Depends(optional_principal)]
+
+
+def require_roles(*roles: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """Dependency: the caller holds at least one of `roles`."""
+    unknown = set(roles) - ROLES
+    if unknown:
+        raise ValueError(f"unknown roles: {unknown}")
+
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        if not principal.has_role(*roles):
+            raise Problem(403, "您的角色无权执行此操作。")
+        return principal
+
+    return dependency
+
+
+def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """Dependency for client-credential callers: the token carries `scope`."""
+
+    async def dependency(principal: CurrentPrincipal) -> Principal:
+        if principal.kind == "client" and scope not in principal.scopes:
+            raise Problem(403, f"令牌缺少所需权限范围 {scope}。")
+        return principal
+
+    return dependency
+
+
+def ensure_tenant(principal: Principal, kind: str, tenant_id: str) -> None:
+    """Object-level check: someone else's object looks exactly like a missing one
+    (GW-03), so the caller learns nothing about what exists."""
+    if not principal.has_tenant(kind, tenant_id):
+        raise Problem(404)

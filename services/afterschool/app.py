@@ -1,0 +1,26 @@
+"""afterschool: 课后服务方案、课程菜单、自愿报名、考勤、收费与评价（AS-01..AS-08）。"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from chassis.app import ServiceSpec, create_service_app
+from chassis.roster import roster_subscription
+from services.afterschool.api import router
+from services.afterschool.models import Base, roster
+
+SPEC = ServiceSpec(
+    name="afterschool",
+    title="课后服务 afterschool",
+    description="课后服务方案、课程菜单、自愿报名、考勤、收费与评价（AS-01..AS-08）。",
+    routers=[router],
+    metadata=Base.metadata,
+    migrations_dir=Path(__file__).resolve().parent / "migrations",
+    subscriptions=[roster_subscription(roster)],
+)
+
+
+def create_app(**kwargs: object) -> FastAPI:
+    return create_service_app(SPEC, **kwargs)  # type: ignore[arg-type]
