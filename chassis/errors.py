@@ -234,7 +234,10 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
 async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     # The stack trace goes to the log, never to the client.
     log.exception("unhandled_error", path=request.url.path, error=type(exc).__name__)
-    return problem_response(request, Problem(500))
+    # This handler runs outside the request-context middleware: echo the id here.
+    request_id = getattr(request.state, "request_id", None)
+    headers = {"x-request-id": request_id} if request_id else None
+    return problem_response(request, Problem(500, headers=headers))
 
 
 def _is_chinese(text: str) -> bool:

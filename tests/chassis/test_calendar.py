@@ -158,7 +158,10 @@ def test_x05_holiday_arrangement_from_json() -> None:
         ({"holidays": [{"date": "2027-01-01", "name": "元旦"}] * 2}, "twice"),
         ({"holidays": [{"date": "2027-06-01", "name": "x"}], "year": 2029}, "not near"),
         ({"workday_swaps": ["2027-01-02", "2027-01-02"]}, "twice"),
-        ({"holidays": [{"date": "2027-01-02", "name": "元旦"}], "workday_swaps": ["2027-01-02"]}, "both"),
+        (
+            {"holidays": [{"date": "2027-01-02", "name": "元旦"}], "workday_swaps": ["2027-01-02"]},
+            "both",
+        ),
         ({"extra": 1}, "Extra inputs"),
         ({"holidays": [{"date": "2027-01-01", "name": ""}]}, "at least 1"),
     ],
@@ -181,7 +184,7 @@ def test_x05_duplicate_year_files_rejected(tmp_path: Path) -> None:
     with pytest.raises(CalendarDataError, match="already loaded"):
         load_holiday_files(tmp_path)
     (tmp_path / "holidays-2030-bis.toml").write_text("year = 2031\nholidays = 3\n")
-    with pytest.raises(CalendarDataError, match="holidays-2030-bis.toml"):
+    with pytest.raises(CalendarDataError, match=r"holidays-2030-bis\.toml"):
         load_holiday_files(tmp_path)
 
 
@@ -234,7 +237,7 @@ def test_x05_fallback_year_without_data(cal: Calendar) -> None:
     assert not cal.is_statutory_holiday(D(2150, 10, 4))  # no bridging days guessed
     midautumn = festival_date(2150, "midautumn")
     assert cal.is_statutory_holiday(midautumn)
-    # 2150-09-30 is a Wednesday; 10/1-10/3 holidays, 10/4-5 weekend (10/5 also 中秋)
+    # 2150-09-30 is a Wednesday; 10/1-10/3 (Thu-Sat) 国庆, 10/4 Sunday, 10/5 (Mon) 中秋
     assert cal.add_working_days(D(2150, 9, 30), 1) == D(2150, 10, 6)
 
 
@@ -291,8 +294,17 @@ def test_hw04_day_kind(jinhua: Calendar, cal: Calendar) -> None:
 def test_x05_school_terms_from_json_and_validation() -> None:
     good = {
         "region_id": "demo-city",
-        "terms": [{"name": "秋季", "school_year": "2030-2031", "start": "2030-09-01", "end": "2031-01-17"}],
-        "vacations": [{"kind": "winter", "school_year": "2030-2031", "start": "2031-01-18", "end": "2031-02-16"}],
+        "terms": [
+            {"name": "秋季", "school_year": "2030-2031", "start": "2030-09-01", "end": "2031-01-17"}
+        ],
+        "vacations": [
+            {
+                "kind": "winter",
+                "school_year": "2030-2031",
+                "start": "2031-01-18",
+                "end": "2031-02-16",
+            }
+        ],
     }
     terms = SchoolTerms.model_validate_json(json.dumps(good))
     cal = Calendar([], terms)

@@ -43,8 +43,7 @@ def _tmp_policies(tmp_path: Path, **files: str) -> Path:
 
 def _child(pid: str, extends: str = "national", body: str = "") -> str:
     return (
-        f'id = "{pid}"\nname = "测试"\nextends = "{extends}"\n'
-        f"effective_from = 2022-01-01\n{body}\n"
+        f'id = "{pid}"\nname = "测试"\nextends = "{extends}"\neffective_from = 2022-01-01\n{body}\n'
     )
 
 
@@ -199,7 +198,7 @@ def test_x04_unknown_region(registry: PolicyRegistry) -> None:
 def test_x04_profiles_are_frozen(registry: PolicyRegistry) -> None:
     p = registry.profile("national", on=dt.date(2026, 1, 1))
     with pytest.raises(ValidationError):
-        p.homework.burden_alert_window_school_days = 3  # type: ignore[misc]
+        setattr(p.homework, "burden_alert_window_school_days", 3)  # noqa: B010
     with pytest.raises(TypeError):
         p.institutions.guided_price.groups["x"] = p.institutions.guided_price.groups["general"]  # type: ignore[index]
 
@@ -309,7 +308,9 @@ def test_x04_rejects_amendment_changing_identity(tmp_path: Path) -> None:
 
 
 def test_x04_rejects_amendment_before_profile(tmp_path: Path) -> None:
-    body = "[[amendments]]\neffective_from = 2021-01-01\n[amendments.funds]\nmax_charge_months = 2\n"
+    body = (
+        "[[amendments]]\neffective_from = 2021-01-01\n[amendments.funds]\nmax_charge_months = 2\n"
+    )
     msg = _load_error(tmp_path, city=_child("city", body=body))
     assert "before the profile's 2022-01-01" in msg
 

@@ -1,0 +1,113 @@
+"""RFC 9457 problem+json for every error (X-03), documented in OpenAPI."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from chassis.errors import Problem, install_problem_handlers, rule_violation
+from chassis.observability import Metrics, RequestContextMiddleware
+
+pytestmark = pytest.mark.asyncio
+
+
+class Body(BaseModel):
+    minutes: int
+
+
+def _app() -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(RequestContextMiddleware, metrics=Metrics("t"), access_log=False)
+    install_problem_handlers(app)
+
+    @app.post("/publish")
+    async def publish(body: Body) -> dict[str, int]:
+        if body.minutes > 60:
+            raise rule_violation("HW-02", "超过每日书面作业时长上限。", limit=60, used=40)
+        return {"minutes": body.minutes}
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internal detail /etc/passwd")
+
+    @app.get("/conflict")
+    async def conflict() -> None:
+        raise Problem(409, "状态冲突。")
+
+    return app
+
+
+@pytest.fixture
+async def client():
+    transport = httpx.ASGITransport(app=_app(), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        yield c
+
+
+def _is_problem(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["status"] == status and body["title"] and body["type"].startswith("https://")
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in body["detail"]), body["detail"]
+    assert body["request_id"] == r.headers["x-request-id"]
+    return body
+
+
+async def test_x03_rule_refusal_names_rule_and_numbers(client):
+    body = _is_problem(await client.post("/publish", json={"minutes": 90}), 422)
+    assert body["rule"] == "HW-02"
+    assert body["limit"] == 60 and body["used"] == 40
+    assert body["type"].endswith("/rule/HW-02")
+
+
+async def test_x03_validation_lists_fields(client):
+    body = _is_problem(await client.post("/publish", json={"minutes": "many"}), 422)
+    assert body["errors"][0]["field"] == "body.minutes"
+    assert "rule" not in body
+    malformed = await client.post(
+        "/publish", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    _is_problem(malformed, 422)
+
+
+async def test_x03_unhandled_error_is_500_without_leaking_internals(client):
+    r = await client.get("/boom")
+    body = _is_problem(r, 500)
+    assert "secret" not in r.text and "Traceback" not in r.text and "passwd" not in r.text
+    assert body["detail"] == "服务器内部错误，请稍后再试。"
+
+
+async def test_x03_404_405_409_are_problems(client):
+    _is_problem(await client.get("/nowhere"), 404)
+    _is_problem(await client.delete("/publish"), 405)
+    _is_problem(await client.get("/conflict"), 409)
+
+
+async def test_request_id_is_propagated_when_given(client):
+    r = await client.get("/nowhere", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r.json()["request_id"] == "abc-123"
+
+
+@pytest.mark.parametrize(
+    "service", ["identity", "homework", "afterschool", "institutions", "funds"]
+)
+async def test_openapi_documents_problem_responses(service, start_service):
+    svc = await start_service(service)
+    doc = (await svc.client.get("/openapi.json")).json()
+    assert doc["openapi"].startswith("3.1")
+    assert "ProblemDetail" in doc["components"]["schemas"]
+    whoami = doc["paths"]["/auth/whoami"]["get"]
+    for status in ("401", "403", "422", "500"):
+        content = whoami["responses"][status]["content"]
+        assert content["application/problem+json"]["schema"]["$ref"].endswith("/ProblemDetail")
+    assert whoami["security"] == [{"HTTPBearer": []}]
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert path in doc["paths"]
+    ready = await svc.client.get("/readyz")
+    assert ready.status_code in (200, 503)
+    metrics = await svc.client.get("/metrics")
+    assert "http_requests_total" in metrics.text
