@@ -27,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.calendar import Calendar, HolidayArrangement, SchoolTerms
 from chassis.db import UTCDateTime, utcnow
 from chassis.messaging import Subscription
 from contracts import identity as ev
@@ -112,8 +113,9 @@ def roster_tables(metadata: MetaData) -> RosterTables:
         holidays=Table(
             "roster_holidays",
             metadata,
+            # A year's arrangement may list a day of the neighbouring year.
+            Column("year", Integer, primary_key=True),
             Column("day", Date, primary_key=True),
-            Column("year", Integer, nullable=False, index=True),
             Column("name", String(50), nullable=True),
             Column("is_workday_swap", Boolean, nullable=False),
             stamp(),
@@ -199,6 +201,26 @@ def roster_subscription(tables: RosterTables, *, name: str = "roster") -> Subscr
             ev.HolidaysPublished.TYPE: holidays,
         },
     )
+
+
+async def load_calendar(
+    session: AsyncSession, tables: RosterTables, terms: SchoolTerms | None = None
+) -> Calendar:
+    """The calendar from the holiday arrangements operators loaded into identity;
+    years without one fall back to the computed statutory days (X-05)."""
+    rows = (await session.execute(select(tables.holidays))).mappings().all()
+    by_year: dict[int, dict[str, list[Any]]] = {}
+    for row in rows:
+        entry = by_year.setdefault(row["year"], {"holidays": [], "workday_swaps": []})
+        if row["is_workday_swap"]:
+            entry["workday_swaps"].append(row["day"])
+        else:
+            entry["holidays"].append({"date": row["day"], "name": row["name"] or ""})
+    arrangements = [
+        HolidayArrangement.model_validate({"year": year, **entry})
+        for year, entry in sorted(by_year.items())
+    ]
+    return Calendar(arrangements, terms)
 
 
 async def guardian_student_ids(

@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from chassis.app import DB, Ctx
 from chassis.auth import CurrentPrincipal, Principal, require_roles
+from chassis.calendar import HolidayArrangement
 from chassis.errors import Problem, not_found
 from chassis.pagination import Page, PageParams, paginate
 from chassis.privacy import mask_phone
@@ -591,13 +592,11 @@ async def create_client(body: schemas.ClientIn, principal: Bureau, db: DB) -> sc
     tags=["校历"],
     summary="导入某年法定节假日与调休安排（教育局运营人员）",
 )
-async def put_holidays(
-    year: int, body: schemas.HolidayArrangementIn, _: Bureau, db: DB
-) -> dict[str, object]:
-    if not 2000 <= year <= 2200:
-        raise Problem(422, "年份超出范围。")
-    record = await service.publish_holidays(db, year, body)
-    return {"year": record.year, **record.data}
+async def put_holidays(year: int, body: HolidayArrangement, _: Bureau, db: DB) -> dict[str, object]:
+    if body.year != year:
+        raise Problem(422, "路径与请求体中的年份不一致。")
+    record = await service.publish_holidays(db, body)
+    return record.data
 
 
 @router.get("/calendar/holidays/{year}", tags=["校历"], summary="某年节假日安排（公开）")
@@ -606,4 +605,4 @@ async def get_holidays(year: int, db: DB) -> dict[str, object]:
         record = await session.get(HolidayArrangementRecord, year)
     if record is None:
         raise not_found(f"{year} 年的节假日安排尚未导入。")
-    return {"year": record.year, **record.data}
+    return record.data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -240,17 +239,6 @@ class RosterImportResult(BaseModel):
     classes_created: int
     students_imported: int
     guardians_imported: int
-
-
-class HolidayDayIn(Strict):
-    date: date
-    name: str = Field(min_length=1, max_length=50)
-
-
-class HolidayArrangementIn(Strict):
-    holidays: list[HolidayDayIn]
-    workday_swaps: list[date] = Field(default_factory=list, description="调休上班的周末")
-    note: str | None = None
 
 
 class MeOut(BaseModel):

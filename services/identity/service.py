@@ -14,6 +14,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from chassis.calendar import HolidayArrangement
 from chassis.db import Database, utcnow
 from chassis.errors import FieldError, Problem, conflict, not_found
 from chassis.messaging import emit
@@ -592,31 +593,21 @@ async def create_client(db: Database, data: schemas.ClientIn) -> tuple[OAuthClie
         return client, secret
 
 
-async def publish_holidays(
-    db: Database, year: int, data: schemas.HolidayArrangementIn
-) -> HolidayArrangementRecord:
-    wrong = [d.date for d in data.holidays if d.date.year != year] + [
-        d for d in data.workday_swaps if d.year != year
-    ]
-    if wrong:
-        raise Problem(422, f"日期不属于 {year} 年：" + "、".join(str(d) for d in wrong))
-    not_weekend = [d for d in data.workday_swaps if d.weekday() < 5]
-    if not_weekend:
-        raise Problem(422, "调休上班日应为周末：" + "、".join(str(d) for d in not_weekend))
+async def publish_holidays(db: Database, data: HolidayArrangement) -> HolidayArrangementRecord:
     async with db.transaction() as session:
-        record = await session.get(HolidayArrangementRecord, year)
-        payload = data.model_dump(mode="json", exclude={"note"})
+        record = await session.get(HolidayArrangementRecord, data.year)
+        payload = data.model_dump(mode="json")
         if record is None:
-            record = HolidayArrangementRecord(year=year, data=payload, note=data.note)
+            record = HolidayArrangementRecord(year=data.year, data=payload, note=data.source)
             session.add(record)
         else:
-            record.data, record.note = payload, data.note
+            record.data, record.note = payload, data.source
         await emit(
             session,
             ev.HolidaysPublished(
-                year=year,
+                year=data.year,
                 holidays=[ev.HolidayDay(date=h.date, name=h.name) for h in data.holidays],
-                workday_swaps=data.workday_swaps,
+                workday_swaps=list(data.workday_swaps),
             ),
         )
         return record

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select
 
 from services.identity import schemas, service
-from tests.support import eventually
+from tests.support import auth, eventually
 
 pytestmark = pytest.mark.asyncio
 DOMAIN = ("homework", "afterschool", "institutions", "funds")
@@ -99,3 +99,48 @@ async def test_x02_consumers_tolerate_replayed_roster_events(start_service):
         rows = (await session.execute(select(inbox_table))).all()
     assert len(rows) == 3
     assert (await _row(homework, "classes", id=klass.id))["grade"] == 2
+
+
+async def test_x05_operator_loaded_holidays_reach_domain_calendars(start_service, mint):
+    """A bureau operator loads a year's 调休 arrangement; services' calendars use it."""
+    import datetime as dt
+
+    from chassis.roster import load_calendar
+    from services.homework.models import roster
+
+    identity = await start_service("identity")
+    homework = await start_service("homework")
+    bureau = mint("bureau", tenants=["region:jinhua"])
+    arrangement = {
+        "year": 2031,
+        "source": "测试安排",
+        "holidays": [
+            {"date": "2031-10-01", "name": "国庆节"},
+            {"date": "2031-10-02", "name": "国庆节"},
+        ],
+        "workday_swaps": ["2031-09-28"],
+    }
+    r = await identity.client.put("/calendar/holidays/2031", headers=auth(bureau), json=arrangement)
+    assert r.status_code == 200, r.text
+    bad = await identity.client.put(
+        "/calendar/holidays/2031",
+        headers=auth(bureau),
+        json={**arrangement, "workday_swaps": ["2031-09-30"]},
+    )  # a Tuesday cannot be a swap
+    assert bad.status_code == 422 and bad.json()["errors"]
+    teacher = mint("teacher", tenants=["school:x"])
+    assert (
+        await identity.client.put(
+            "/calendar/holidays/2031", headers=auth(teacher), json=arrangement
+        )
+    ).status_code == 403
+
+    async def loaded():
+        async with homework.ctx.db.read() as session:
+            calendar = await load_calendar(session, roster)
+        return calendar if calendar.has_holiday_data(2031) else None
+
+    calendar = await eventually(loaded)
+    assert calendar.is_statutory_holiday(dt.date(2031, 10, 2))
+    assert calendar.is_working_day(dt.date(2031, 9, 28))  # a Sunday made a working day
+    assert not calendar.is_working_day(dt.date(2031, 10, 1))

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:03:19.357407
+Create Date: 2026-11-23 10:27:14.166752
 """
 
 from collections.abc import Sequence
@@ -78,16 +78,13 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_roster_guardianships_student_id'), ['student_id'], unique=False)
 
     op.create_table('roster_holidays',
-    sa.Column('day', sa.Date(), nullable=False),
     sa.Column('year', sa.Integer(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
     sa.Column('name', sa.String(length=50), nullable=True),
     sa.Column('is_workday_swap', sa.Boolean(), nullable=False),
     sa.Column('synced_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
-    sa.PrimaryKeyConstraint('day', name=op.f('pk_roster_holidays'))
+    sa.PrimaryKeyConstraint('year', 'day', name=op.f('pk_roster_holidays'))
     )
-    with op.batch_alter_table('roster_holidays', schema=None) as batch_op:
-        batch_op.create_index(batch_op.f('ix_roster_holidays_year'), ['year'], unique=False)
-
     op.create_table('roster_regions',
     sa.Column('id', sa.String(length=64), nullable=False),
     sa.Column('name', sa.String(length=100), nullable=False),
@@ -155,9 +152,6 @@ def downgrade() -> None:
 
     op.drop_table('roster_schools')
     op.drop_table('roster_regions')
-    with op.batch_alter_table('roster_holidays', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_roster_holidays_year'))
-
     op.drop_table('roster_holidays')
     with op.batch_alter_table('roster_guardianships', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_roster_guardianships_student_id'))
