@@ -1,6 +1,7 @@
 """Integration events: the only thing services share besides the chassis."""
 
-from contracts import identity  # noqa: F401  (registers event types)
+# Importing a module registers its event types.
+from contracts import afterschool, funds, homework, identity, institutions  # noqa: F401
 from contracts.base import EVENT_TYPES, STREAMS, Envelope, IntegrationEvent
 
 __all__ = ["EVENT_TYPES", "STREAMS", "Envelope", "IntegrationEvent"]

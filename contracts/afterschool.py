@@ -1,0 +1,3 @@
+"""Events published by afterschool."""
+
+from __future__ import annotations

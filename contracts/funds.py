@@ -1,0 +1,3 @@
+"""Events published by funds."""
+
+from __future__ import annotations

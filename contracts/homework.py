@@ -1,0 +1,3 @@
+"""Events published by homework."""
+
+from __future__ import annotations

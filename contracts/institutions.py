@@ -1,0 +1,3 @@
+"""Events published by institutions."""
+
+from __future__ import annotations
