@@ -24,6 +24,7 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
+    LargeBinary,
     PrimaryKeyConstraint,
     String,
     Table,
@@ -89,6 +90,23 @@ dead_letter_table = Table(
     Column("error", Text, nullable=False),
     Column("attempts", Integer, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
+)
+
+
+# Responses remembered per (client, Idempotency-Key): see chassis/idempotency.py.
+idempotency_table = Table(
+    "idempotency_keys",
+    messaging_metadata,
+    Column("client", String(128), nullable=False),
+    Column("key", String(255), nullable=False),
+    Column("fingerprint", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # in_flight | done
+    Column("response_status", Integer, nullable=True),
+    Column("response_body", LargeBinary, nullable=True),
+    Column("content_type", String(100), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("completed_at", UTCDateTime(), nullable=True),
+    PrimaryKeyConstraint("client", "key"),
 )
 
 
@@ -160,6 +178,9 @@ class OutboxRelay:
             if not self.bus.connected:
                 await asyncio.sleep(0.2)
                 continue
+            # Clear before reading, not after: a commit while this batch is
+            # being published must wake the next round, not wait a poll.
+            self.db.outbox_signal.clear()
             try:
                 published = await self.relay_once()
                 backoff = 0.1
@@ -172,7 +193,6 @@ class OutboxRelay:
                 continue
             if published >= self.batch_size:
                 continue
-            self.db.outbox_signal.clear()
             try:
                 await asyncio.wait_for(self.db.outbox_signal.wait(), self.poll_interval)
             except TimeoutError:

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:27:14.166752
+Create Date: 2026-11-23 10:40:46.999674
 """
 
 from collections.abc import Sequence
@@ -31,6 +31,18 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_dead_letters'))
+    )
+    op.create_table('idempotency_keys',
+    sa.Column('client', sa.String(length=128), nullable=False),
+    sa.Column('key', sa.String(length=255), nullable=False),
+    sa.Column('fingerprint', sa.String(length=64), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('response_status', sa.Integer(), nullable=True),
+    sa.Column('response_body', sa.LargeBinary(), nullable=True),
+    sa.Column('content_type', sa.String(length=100), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('completed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('client', 'key', name=op.f('pk_idempotency_keys'))
     )
     op.create_table('inbox',
     sa.Column('consumer', sa.String(length=80), nullable=False),
@@ -166,5 +178,6 @@ def downgrade() -> None:
 
     op.drop_table('outbox')
     op.drop_table('inbox')
+    op.drop_table('idempotency_keys')
     op.drop_table('dead_letters')
     # ### end Alembic commands ###

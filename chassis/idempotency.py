@@ -1,0 +1,168 @@
+"""`Idempotency-Key` for money-moving and seat-taking requests.
+
+Follows the IETF draft (httpapi-idempotency-key-header): a missing key is 400,
+the same key with a different request is 422, the same key while the first
+request is still running is 409, and a repeat gets the first response, byte
+for byte. Keys are scoped per client (the token's client id or subject).
+
+The stored response is written in the use case's own transaction, so "the
+money moved" and "the response is remembered" commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+from sqlalchemy import and_, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.auth import Principal
+from chassis.db import Database, utcnow
+from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from chassis.messaging import idempotency_table
+
+HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    client: str
+    key: str
+    fingerprint: str
+
+
+async def begin(
+    db: Database, request: Request, principal: Principal
+) -> IdempotentRequest | Response:
+    """Claim the request's key, or answer from what the key already holds."""
+    key = request.headers.get(HEADER)
+    if not key:
+        raise Problem(400, f"此操作须携带 {HEADER} 请求头（重试时使用同一值）。")
+    if len(key) > MAX_KEY_LENGTH:
+        raise Problem(400, f"{HEADER} 过长（上限 {MAX_KEY_LENGTH} 个字符）。")
+    body = await request.body()
+    digest = hashlib.sha256()
+    for part in (request.method, request.url.path, request.url.query):
+        digest.update(part.encode() + b"\0")
+    digest.update(body)
+    claim = IdempotentRequest(principal.client_id or principal.subject, key, digest.hexdigest())
+    insert = sqlite_insert if db.is_sqlite else pg_insert
+    async with db.transaction() as session:
+        inserted = await session.execute(
+            insert(idempotency_table)
+            .values(
+                client=claim.client,
+                key=claim.key,
+                fingerprint=claim.fingerprint,
+                status="in_flight",
+                created_at=utcnow(),
+            )
+            .on_conflict_do_nothing()
+        )
+        if inserted.rowcount:  # type: ignore[attr-defined]
+            return claim
+        row = (
+            (
+                await session.execute(
+                    select(idempotency_table).where(
+                        idempotency_table.c.client == claim.client,
+                        idempotency_table.c.key == claim.key,
+                    )
+                )
+            )
+            .mappings()
+            .one()
+        )
+    if row["fingerprint"] != claim.fingerprint:
+        raise Problem(422, f"该 {HEADER} 已用于另一个不同的请求。", slug="idempotency/mismatch")
+    if row["status"] != "done":
+        raise Problem(
+            409,
+            "同一请求仍在处理中，请稍后重试。",
+            slug="idempotency/in-flight",
+            headers={"Retry-After": "1"},
+        )
+    return Response(
+        row["response_body"],
+        status_code=row["response_status"],
+        media_type=row["content_type"],
+        headers={"Idempotent-Replayed": "true"},
+    )
+
+
+async def _remember(
+    session: AsyncSession, claim: IdempotentRequest, status: int, body: bytes, content_type: str
+) -> None:
+    await session.execute(
+        update(idempotency_table)
+        .where(
+            and_(
+                idempotency_table.c.client == claim.client,
+                idempotency_table.c.key == claim.key,
+            )
+        )
+        .values(
+            status="done",
+            response_status=status,
+            response_body=body,
+            content_type=content_type,
+            completed_at=utcnow(),
+        )
+    )
+
+
+async def _release(db: Database, claim: IdempotentRequest) -> None:
+    async with db.transaction() as session:
+        await session.execute(
+            delete(idempotency_table).where(
+                idempotency_table.c.client == claim.client,
+                idempotency_table.c.key == claim.key,
+                idempotency_table.c.status == "in_flight",
+            )
+        )
+
+
+def _encode(result: Any) -> bytes:
+    if isinstance(result, BaseModel):
+        return result.model_dump_json().encode()
+    return json.dumps(result, ensure_ascii=False, default=str).encode()
+
+
+async def run(
+    db: Database,
+    claim: IdempotentRequest,
+    work: Callable[[AsyncSession], Awaitable[Any]],
+    *,
+    status_code: int = 200,
+) -> Response:
+    """Run `work(session)` in one transaction that also remembers its response.
+
+    A refusal (4xx problem) is remembered too: the client's retry gets the same
+    answer. A crash or 5xx releases the key so the client may retry.
+    """
+    try:
+        async with db.transaction() as session:
+            body = _encode(await work(session))
+            await _remember(session, claim, status_code, body, "application/json")
+        return Response(body, status_code=status_code, media_type="application/json")
+    except Problem as problem:
+        if problem.status >= 500:
+            await _release(db, claim)
+            raise
+        body = json.dumps(problem_body(None, problem), ensure_ascii=False).encode()
+        async with db.transaction() as session:
+            await _remember(session, claim, problem.status, body, PROBLEM_MEDIA_TYPE)
+        return Response(body, status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE)
+    except BaseException:
+        await _release(db, claim)
+        raise
