@@ -5,12 +5,13 @@ write transaction starts with `BEGIN IMMEDIATE`, so concurrent writers queue
 for the lock instead of failing with "database is locked" when a deferred
 transaction tries to upgrade. Inside one process writers also queue on an
 asyncio lock, which is cheaper than SQLite's sleep-and-retry busy handler.
+SQLite calls run on the event loop's thread (`chassis.sqlite_driver`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.types import TypeDecorator
+
+from chassis import sqlite_driver
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -106,7 +109,9 @@ class Database:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+            kwargs["async_creator"] = sqlite_driver.async_creator(
+                path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000
+            )
         else:
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
@@ -117,8 +122,9 @@ class Database:
         self._write_sessions = async_sessionmaker(writer, expire_on_commit=False)
         self._read_sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = asyncio.Lock() if self.is_sqlite else None
-        # Set after a commit that wrote outbox rows, so the relay wakes at once.
-        self.outbox_signal = asyncio.Event()
+        # Called with the envelopes of each committed transaction that emitted
+        # events, so they can be published without waiting for a poll.
+        self.outbox_listeners: list[Callable[[list[Any]], None]] = []
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -137,8 +143,10 @@ class Database:
             session.info["service"] = self.service
             async with session.begin():
                 yield session
-            if session.info.pop("outbox_written", False):
-                self.outbox_signal.set()
+            committed_events = session.info.pop("outbox_events", None)
+            if committed_events:
+                for listener in self.outbox_listeners:
+                    listener(committed_events)
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import nats.errors
@@ -125,18 +126,35 @@ async def emit(session: AsyncSession, event: IntegrationEvent) -> Envelope:
             attempts=0,
         )
     )
-    session.info["outbox_written"] = True
+    session.info.setdefault("outbox_events", []).append(envelope)
     return envelope
 
 
 class OutboxRelay:
     """Publishes committed outbox rows to JetStream; never drops one.
 
-    On PostgreSQL rows are claimed with `FOR UPDATE SKIP LOCKED`, so several
-    replicas can relay side by side. On SQLite (one process per database)
-    rows are read, published, then marked in a short write transaction, so
-    the write lock is not held across network round trips.
+    Two paths, as in eShop's integration event log:
+
+    - the fast path: when a transaction that emitted events commits, its
+      envelopes are published at once from memory, and their rows are marked
+      published a moment later, many in one short write transaction;
+    - the poller: publishes rows from the table in position order. At start,
+      and whenever a fast publish fails (NATS away), the fast path pauses and
+      the poller drains every pending row before it resumes, so a new event
+      never overtakes an older unpublished one from this process. While the
+      fast path runs, the poller still publishes rows pending for longer than
+      `grace` seconds: rows written by another process, rows left by a crash
+      between publish and mark.
+
+    A row published twice is harmless: `Nats-Msg-Id` deduplicates in
+    JetStream and consumers keep an inbox. On PostgreSQL the poller claims rows
+    with `FOR UPDATE SKIP LOCKED`, so several replicas can relay side by side.
+    On SQLite (one process per database) rows are read, published, then marked
+    in a short write transaction, so the write lock is not held across network
+    round trips.
     """
+
+    MAX_HELD = 10_000  # envelopes kept in memory while the fast path pauses
 
     def __init__(
         self,
@@ -147,6 +165,8 @@ class OutboxRelay:
         metrics: Metrics | None = None,
         batch_size: int = 256,
         poll_interval: float = 0.5,
+        grace: float = 2.0,
+        mark_delay: float = 0.05,
         publish_timeout: float = 3.0,
     ) -> None:
         self.db = db
@@ -155,34 +175,124 @@ class OutboxRelay:
         self.metrics = metrics
         self.batch_size = batch_size
         self.poll_interval = poll_interval
+        self.grace = grace
+        self.mark_delay = mark_delay
         self.publish_timeout = publish_timeout
-        self._task: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._fresh: list[Envelope] = []
+        self._fresh_ready = asyncio.Event()
+        self._fast = False  # off until the poller has drained the backlog
+        self._to_mark: list[str] = []
+        self._mark_ready = asyncio.Event()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"outbox-relay-{self.service}")
+        self.db.outbox_listeners.append(self._on_commit)
+        for name, loop in (
+            ("poll", self._poll_loop),
+            ("dispatch", self._dispatch_loop),
+            ("mark", self._mark_loop),
+        ):
+            self._tasks.append(asyncio.create_task(loop(), name=f"outbox-{name}-{self.service}"))
 
     async def stop(self) -> None:
-        self._stopping = True
-        self.db.outbox_signal.set()
-        if self._task is not None:
-            self._task.cancel()
+        self._stopping.set()
+        if self._on_commit in self.db.outbox_listeners:
+            self.db.outbox_listeners.remove(self._on_commit)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             try:
-                await self._task
+                await task
             except (asyncio.CancelledError, Exception):
                 pass
+        self._tasks.clear()
+        # Marks not yet written are not lost: the poller republishes those rows.
+        if self._to_mark:
+            try:
+                await self._flush_marks()
+            except Exception as exc:
+                log.warning("outbox_mark_failed", service=self.service, error=str(exc))
 
-    async def _run(self) -> None:
+    # --- fast path ----------------------------------------------------------
+
+    def _on_commit(self, envelopes: list[Envelope]) -> None:
+        self._fresh.extend(envelopes)
+        if len(self._fresh) > self.MAX_HELD:
+            # Only while paused: the poller drains their rows before resuming.
+            del self._fresh[: len(self._fresh) - self.MAX_HELD]
+        self._fresh_ready.set()
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._fresh_ready.wait()
+            self._fresh_ready.clear()
+            while self._fresh and self._fast:
+                if not self.bus.connected:
+                    self._fast = False
+                    break
+                batch = self._fresh[: self.batch_size]
+                del self._fresh[: self.batch_size]
+                errors = await self._publish_all(
+                    [(e.type, e.model_dump_json().encode(), e.id) for e in batch]
+                )
+                self._to_mark.extend(e.id for e, err in zip(batch, errors, strict=True) if not err)
+                self._mark_ready.set()
+                if any(errors):
+                    # Pause: the poller republishes from the table, in order.
+                    self._fast = False
+
+    async def _mark_loop(self) -> None:
+        backoff = self.mark_delay
+        while True:
+            await self._mark_ready.wait()
+            await asyncio.sleep(backoff)  # let a few publishes share one write
+            self._mark_ready.clear()
+            try:
+                await self._flush_marks()
+                backoff = self.mark_delay
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox_mark_failed", service=self.service, error=str(exc))
+                self._mark_ready.set()
+                backoff = min(max(backoff * 2, 0.1), 5.0)
+
+    async def _flush_marks(self) -> None:
+        ids, self._to_mark = self._to_mark, []
+        try:
+            async with self.db.transaction() as session:
+                for first in range(0, len(ids), 500):
+                    await session.execute(
+                        update(outbox_table)
+                        .where(
+                            outbox_table.c.event_id.in_(ids[first : first + 500]),
+                            outbox_table.c.published_at.is_(None),
+                        )
+                        .values(published_at=utcnow(), attempts=outbox_table.c.attempts + 1)
+                    )
+        except BaseException:
+            self._to_mark[:0] = ids
+            raise
+
+    # --- safety net ---------------------------------------------------------
+
+    async def _poll_loop(self) -> None:
         backoff = 0.1
-        while not self._stopping:
+        while not self._stopping.is_set():
             if not self.bus.connected:
                 await asyncio.sleep(0.2)
                 continue
-            # Clear before reading, not after: a commit while this batch is
-            # being published must wake the next round, not wait a poll.
-            self.db.outbox_signal.clear()
             try:
-                published = await self.relay_once()
+                if self._fast:
+                    _, published = await self._relay_batch(self.grace)
+                else:
+                    found, published = await self._relay_batch(0.0)
+                    if found == 0:
+                        # Held envelopes may repeat rows just published; JetStream
+                        # drops such duplicates by Nats-Msg-Id.
+                        self._fast = True
+                        self._fresh_ready.set()
                 backoff = 0.1
             except asyncio.CancelledError:
                 raise
@@ -191,36 +301,40 @@ class OutboxRelay:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            if published >= self.batch_size:
+            if published >= self.batch_size or (published and not self._fast):
                 continue
             try:
-                await asyncio.wait_for(self.db.outbox_signal.wait(), self.poll_interval)
+                await asyncio.wait_for(self._stopping.wait(), self.poll_interval)
             except TimeoutError:
                 pass
 
-    async def relay_once(self) -> int:
-        """Publish one batch of pending rows; returns how many were published."""
+    async def relay_once(self, *, min_age: float = 0.0) -> int:
+        """Publish one batch of rows pending for at least `min_age` seconds;
+        returns how many were published."""
+        return (await self._relay_batch(min_age))[1]
+
+    async def _relay_batch(self, min_age: float) -> tuple[int, int]:
+        """(rows found, rows published) for one batch."""
+        query = self._pending_query(min_age)
         if self.db.is_sqlite:
             async with self.db.read() as session:
-                rows = (await session.execute(self._pending_query())).all()
+                rows = (await session.execute(query)).all()
             if not rows:
-                return 0
+                return 0, 0
             done, failed = await self._publish(rows)
             async with self.db.transaction() as session:
                 await self._mark(session, done, failed)
-            return len(done)
+            return len(rows), len(done)
         async with self.db.transaction() as session:
-            rows = (
-                await session.execute(self._pending_query().with_for_update(skip_locked=True))
-            ).all()
+            rows = (await session.execute(query.with_for_update(skip_locked=True))).all()
             if not rows:
-                return 0
+                return 0, 0
             done, failed = await self._publish(rows)
             await self._mark(session, done, failed)
-        return len(done)
+        return len(rows), len(done)
 
-    def _pending_query(self) -> Any:
-        return (
+    def _pending_query(self, min_age: float) -> Any:
+        query = (
             select(
                 outbox_table.c.position,
                 outbox_table.c.event_id,
@@ -231,34 +345,45 @@ class OutboxRelay:
             .order_by(outbox_table.c.position)
             .limit(self.batch_size)
         )
+        if min_age > 0:
+            cutoff = utcnow() - timedelta(seconds=min_age)
+            query = query.where(outbox_table.c.created_at <= cutoff)
+        return query
 
-    async def _publish(self, rows: Iterable[Any]) -> tuple[list[int], dict[int, str]]:
-        rows = list(rows)
-        for spec in {stream_of(r.type) for r in rows}:
+    async def _publish_all(self, messages: list[tuple[str, bytes, str]]) -> list[str | None]:
+        """Publish (subject, payload, event id) triples concurrently; returns
+        None for each stored message and the error for each failure."""
+        for spec in {stream_of(subject) for subject, _, _ in messages}:
             await self.bus.ensure_stream(spec)
         results = await asyncio.gather(
             *(
                 self.bus.js.publish(
-                    r.type,
-                    r.payload.encode(),
+                    subject,
+                    payload,
                     timeout=self.publish_timeout,
-                    headers={"Nats-Msg-Id": r.event_id},
+                    headers={"Nats-Msg-Id": event_id},
                 )
-                for r in rows
+                for subject, payload, event_id in messages
             ),
             return_exceptions=True,
         )
-        done: list[int] = []
-        failed: dict[int, str] = {}
-        for row, result in zip(rows, results, strict=True):
-            if isinstance(result, BaseException):
-                failed[row.position] = f"{type(result).__name__}: {result}"
-            else:
-                done.append(row.position)
-        if self.metrics is not None and done:
-            self.metrics.events_published.labels(self.service).inc(len(done))
-        if failed:
-            log.warning("outbox_publish_partial", failed=len(failed), published=len(done))
+        errors = [
+            f"{type(r).__name__}: {r}" if isinstance(r, BaseException) else None for r in results
+        ]
+        published = errors.count(None)
+        if self.metrics is not None and published:
+            self.metrics.events_published.labels(self.service).inc(published)
+        if published < len(errors):
+            log.warning(
+                "outbox_publish_partial", failed=len(errors) - published, published=published
+            )
+        return errors
+
+    async def _publish(self, rows: Iterable[Any]) -> tuple[list[int], dict[int, str]]:
+        rows = list(rows)
+        errors = await self._publish_all([(r.type, r.payload.encode(), r.event_id) for r in rows])
+        done = [row.position for row, error in zip(rows, errors, strict=True) if error is None]
+        failed = {row.position: error for row, error in zip(rows, errors, strict=True) if error}
         return done, failed
 
     async def _mark(self, session: AsyncSession, done: list[int], failed: dict[int, str]) -> None:
@@ -380,8 +505,46 @@ class EventConsumer:
                 self.last_fetch_at = time.monotonic()
                 continue  # nothing yet
             self.last_fetch_at = time.monotonic()
-            for msg in msgs:
+            await self.handle_batch(msgs)
+
+    async def handle_batch(self, msgs: list[Any]) -> None:
+        """Apply a fetched batch in one transaction, then acknowledge it.
+
+        One commit per batch instead of per event is what lets a consumer keep
+        up with a busy producer. If any handler fails, the batch rolls back and
+        each event is retried alone, so one poison event cannot hold up the rest.
+        """
+        batch: list[tuple[Any, Envelope]] = []
+        for msg in msgs:
+            try:
+                envelope = Envelope.model_validate_json(msg.data)
+            except ValueError:
+                await self.handle(msg)  # dead-letters it
+                continue
+            if envelope.type in self.sub.handlers:
+                batch.append((msg, envelope))
+            else:
+                await msg.ack()
+        if len(batch) < 2:
+            for msg, _ in batch:
                 await self.handle(msg)
+            return
+        outcomes: list[str] = []
+        try:
+            async with self.db.transaction() as session:
+                for _, envelope in batch:
+                    if await self._claim(session, envelope):
+                        await self.sub.handlers[envelope.type](session, envelope)
+                        outcomes.append("handled")
+                    else:
+                        outcomes.append("duplicate")
+        except Exception:
+            for msg, _ in batch:
+                await self.handle(msg)
+            return
+        for (msg, _), outcome in zip(batch, outcomes, strict=True):
+            await msg.ack()
+            self._count(outcome)
 
     async def handle(self, msg: Any) -> None:
         try:

@@ -28,19 +28,36 @@ from gateway.config import GatewaySettings
 log = structlog.get_logger("gateway")
 
 # RFC 9110 §7.6.1 connection-specific headers are not forwarded.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-    "transfer-encoding", "upgrade", "host", "content-length",
-})
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
 SERVICE_NAMES_ZH = {
-    "identity": "身份服务", "homework": "作业服务", "afterschool": "课后服务",
-    "institutions": "机构监管服务", "funds": "资金监管服务",
+    "identity": "身份服务",
+    "homework": "作业服务",
+    "afterschool": "课后服务",
+    "institutions": "机构监管服务",
+    "funds": "资金监管服务",
 }
 
 
 def _problem(request: Request, problem: Problem) -> JSONResponse:
-    return JSONResponse(problem_body(request, problem), status_code=problem.status,
-                        media_type=PROBLEM_MEDIA_TYPE, headers=problem.headers)
+    return JSONResponse(
+        problem_body(request, problem),
+        status_code=problem.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=problem.headers,
+    )
 
 
 def create_app(settings: GatewaySettings | None = None) -> Starlette:
@@ -53,9 +70,11 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
         configure_logging(platform.log_level, platform.log_json)
         connector = aiohttp.TCPConnector(limit=512, limit_per_host=256, ttl_dns_cache=300)
         app.state.http = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=settings.upstream_timeout_seconds,
-                                          connect=settings.connect_timeout_seconds),
+            connector=connector,
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(
+                total=settings.upstream_timeout_seconds, connect=settings.connect_timeout_seconds
+            ),
         )
         try:
             yield
@@ -79,17 +98,30 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
         http: aiohttp.ClientSession = request.app.state.http
         try:
             upstream = await http.request(
-                request.method, url, params=list(request.query_params.multi_items()),
-                headers=headers, data=body or None, allow_redirects=False,
+                request.method,
+                url,
+                params=list(request.query_params.multi_items()),
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
             )
-        except (TimeoutError, asyncio.TimeoutError):
-            return _problem(request, Problem(
-                504, f"{SERVICE_NAMES_ZH[service]}（{service}）响应超时。", service=service))
+        except TimeoutError:
+            return _problem(
+                request,
+                Problem(
+                    504, f"{SERVICE_NAMES_ZH[service]}（{service}）响应超时。", service=service
+                ),
+            )
         except aiohttp.ClientError:
-            return _problem(request, Problem(
-                502, f"{SERVICE_NAMES_ZH[service]}（{service}）暂不可用。", service=service))
-        response_headers = {k: v for k, v in upstream.headers.items()
-                            if k.lower() not in HOP_BY_HOP}
+            return _problem(
+                request,
+                Problem(
+                    502, f"{SERVICE_NAMES_ZH[service]}（{service}）暂不可用。", service=service
+                ),
+            )
+        response_headers = {
+            k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
+        }
         response_headers["x-request-id"] = request_id
 
         async def stream() -> AsyncIterator[bytes]:
@@ -99,8 +131,7 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
             finally:
                 upstream.release()
 
-        return StreamingResponse(stream(), status_code=upstream.status,
-                                 headers=response_headers)
+        return StreamingResponse(stream(), status_code=upstream.status, headers=response_headers)
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -110,8 +141,7 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
 
         async def check(name: str, base: str) -> tuple[str, str]:
             try:
-                async with http.get(f"{base}/readyz",
-                                    timeout=aiohttp.ClientTimeout(total=2)) as r:
+                async with http.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     return name, "ok" if r.status == 200 else f"status {r.status}"
             except (aiohttp.ClientError, TimeoutError):
                 return name, "down"
@@ -119,8 +149,10 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
         checks = dict(await asyncio.gather(*(check(n, b) for n, b in upstreams.items())))
         if all(v == "ok" for v in checks.values()):
             return JSONResponse({"status": "ready", "services": checks})
-        body: dict[str, Any] = problem_body(request, Problem(
-            503, "部分服务未就绪：" + "，".join(k for k, v in checks.items() if v != "ok")))
+        body: dict[str, Any] = problem_body(
+            request,
+            Problem(503, "部分服务未就绪：" + "，".join(k for k, v in checks.items() if v != "ok")),
+        )
         body["services"] = checks
         return JSONResponse(body, status_code=503, media_type=PROBLEM_MEDIA_TYPE)
 

@@ -105,8 +105,7 @@ DEFAULT_WEBHOOK_PUBLIC = ["identity.calendar.holidays.v1"]
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore",
-                                      populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore", populate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = SERVICE_PORTS["gateway"]
@@ -124,8 +123,14 @@ class GatewaySettings(BaseSettings):
     trusted_proxies: list[str] = Field(default_factory=list)
     # Who may read /metrics (direct connections only, never through a proxy).
     metrics_networks: list[str] = Field(
-        default_factory=lambda: ["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
-                                 "192.168.0.0/16", "fc00::/7"]
+        default_factory=lambda: [
+            "127.0.0.0/8",
+            "::1/128",
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "fc00::/7",
+        ]
     )
     access_log: bool = True
 
@@ -134,8 +139,9 @@ class GatewaySettings(BaseSettings):
 
     rate_limit_enabled: bool = True
     rate_limits: list[RateLimitRule] = Field(default_factory=lambda: list(DEFAULT_RATE_LIMITS))
-    redis_url: str = Field(default="", validation_alias=AliasChoices("REDIS_URL",
-                                                                     "GATEWAY_REDIS_URL"))
+    redis_url: str = Field(
+        default="", validation_alias=AliasChoices("REDIS_URL", "GATEWAY_REDIS_URL")
+    )
     redis_key_prefix: str = "gw:rl:"
 
     # Merged OpenAPI: re-fetched on this period, sooner while a service is missing.
@@ -159,9 +165,11 @@ class GatewaySettings(BaseSettings):
     webhook_batch: int = 50
     webhook_concurrency: int = 20
     webhook_denied_event_types: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_WEBHOOK_DENIED))
+        default_factory=lambda: list(DEFAULT_WEBHOOK_DENIED)
+    )
     webhook_public_event_types: list[str] = Field(
-        default_factory=lambda: list(DEFAULT_WEBHOOK_PUBLIC))
+        default_factory=lambda: list(DEFAULT_WEBHOOK_PUBLIC)
+    )
     # An event naming a school or institution whose region the gateway has not
     # learned yet is retried for this long before region subscribers miss it.
     webhook_tenant_wait_seconds: float = 60.0

@@ -68,8 +68,7 @@ def in_networks(address: str, networks: tuple[IPNetwork, ...]) -> bool:
     return any(ip in n for n in networks)
 
 
-def client_address(peer: str, forwarded_for: str | None,
-                   trusted: tuple[IPNetwork, ...]) -> str:
+def client_address(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwork, ...]) -> str:
     """The caller's address: the peer, unless the peer is a trusted proxy, in
     which case the right-most X-Forwarded-For entry that is not one."""
     if not forwarded_for or not trusted or not in_networks(peer, trusted):
@@ -86,8 +85,9 @@ class CachedVerifier:
     immutable, so the answer cannot change except by key removal, which the
     short `max_age` bounds."""
 
-    def __init__(self, verifier: TokenVerifier, *, size: int = 10_000,
-                 max_age: float = 300.0) -> None:
+    def __init__(
+        self, verifier: TokenVerifier, *, size: int = 10_000, max_age: float = 300.0
+    ) -> None:
         self.verifier = verifier
         self.size = size
         self.max_age = max_age

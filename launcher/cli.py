@@ -98,6 +98,11 @@ def up() -> int:
     os.environ.update(env)
     platform_settings.cache_clear()
     migrate(list(DOMAIN_SERVICES))
+    from launcher.demo import load_demo
+
+    # Before identity starts: its relay drains these rows, in order, before
+    # it publishes anything new.
+    asyncio.run(load_demo())
     env.setdefault("LOG_LEVEL", "WARNING")
     children: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -123,9 +128,6 @@ def up() -> int:
             if not _wait_ready(f"http://127.0.0.1:{ports[name]}/healthz"):
                 print(f"{name} 未能启动", file=sys.stderr)
                 return 1
-        from launcher.demo import load_demo
-
-        asyncio.run(load_demo())
         gateway = f"http://127.0.0.1:{ports['gateway']}"
         print(
             "\n双减治理平台已启动。\n"
