@@ -25,7 +25,7 @@ from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, ProblemDetail, install_problem_handlers
 from chassis.events import Bus
 from chassis.messaging import EventConsumer, OutboxRelay, Subscription
-from chassis.migrations import upgrade_async
+from chassis.migrations import database_revisions, head_revisions, upgrade_async
 from chassis.observability import Metrics, RequestContextMiddleware, configure_logging
 from chassis.policy import PolicyRegistry
 
@@ -46,6 +46,8 @@ class ServiceContext:
     relay: OutboxRelay
     consumers: list[EventConsumer] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
+    # The migration heads this code expects; /readyz compares the database.
+    schema_heads: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -94,6 +96,7 @@ def create_service_app(
             metrics=metrics,
             policies=PolicyRegistry.load(),
             relay=relay,
+            schema_heads=head_revisions(spec.migrations_dir),
         )
         app.state.ctx = ctx
         if not hasattr(app.state, "token_verifier"):
@@ -145,7 +148,7 @@ def _operations_router() -> APIRouter:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="就绪检查（数据库与消息总线）")
+    @router.get("/readyz", summary="就绪检查（数据库、表结构版本与消息总线）")
     async def readyz(request: Request) -> JSONResponse:
         ctx: ServiceContext | None = getattr(request.app.state, "ctx", None)
         checks: dict[str, str] = {}
@@ -155,6 +158,15 @@ def _operations_router() -> APIRouter:
             try:
                 await ctx.db.ping()
                 checks["database"] = "ok"
+                # Not ready on a schema the code does not expect (the one-shot
+                # migration has not run yet, or a newer one has).
+                found = await database_revisions(ctx.db.engine)
+                checks["schema"] = (
+                    "ok"
+                    if found == ctx.schema_heads
+                    else f"mismatch: database {sorted(found) or 'empty'}, "
+                    f"code {sorted(ctx.schema_heads)}"
+                )
             except Exception as exc:
                 checks["database"] = f"error: {type(exc).__name__}"
             checks["nats"] = "ok" if ctx.bus.connected else "disconnected"

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from alembic import command, context
 from alembic.config import Config
-from sqlalchemy import MetaData, pool
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData, pool, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import async_engine_from_config
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_engine_from_config
 
 
 def alembic_config(migrations_dir: Path, url: str) -> Config:
@@ -22,6 +24,22 @@ def alembic_config(migrations_dir: Path, url: str) -> Config:
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     cfg.attributes["configure_logger"] = False
     return cfg
+
+
+def head_revisions(migrations_dir: Path) -> set[str]:
+    """The revisions the code expects the database to be at."""
+    script = ScriptDirectory.from_config(alembic_config(migrations_dir, ""))
+    return set(script.get_heads())
+
+
+async def database_revisions(engine: AsyncEngine) -> set[str]:
+    """The revisions recorded in the database (empty when never migrated)."""
+    async with engine.connect() as conn:
+        try:
+            rows = (await conn.execute(text("SELECT version_num FROM alembic_version"))).all()
+        except DBAPIError:
+            return set()
+    return {row[0] for row in rows}
 
 
 def upgrade(migrations_dir: Path, url: str, revision: str = "head") -> None:
