@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -56,7 +56,11 @@ Signer = Annotated[ComplianceSigner, Depends(_signer)]
 # ---------------------------------------------------------------- shaping
 
 
-def _institution_out(inst: Institution, policies: PolicyRegistry) -> schemas.InstitutionOut:
+def _institution_out(
+    inst: Institution, policies: PolicyRegistry, principal: Principal
+) -> schemas.InstitutionOut:
+    # X-06: the contact phone in full only to the institution itself.
+    owner = access.is_owner(principal, inst.id)
     return schemas.InstitutionOut(
         id=inst.id,
         name=inst.name,
@@ -66,7 +70,7 @@ def _institution_out(inst: Institution, policies: PolicyRegistry) -> schemas.Ins
         category=inst.category,  # type: ignore[arg-type]
         department=inst.department,  # type: ignore[arg-type]
         legal_representative=inst.legal_representative,
-        contact_phone=inst.contact_phone,
+        contact_phone=inst.contact_phone if owner else mask_phone(inst.contact_phone),
         registered_address=inst.registered_address,
         training_addresses=inst.training_addresses,
         target_groups=inst.target_groups,  # type: ignore[arg-type]
@@ -428,6 +432,16 @@ async def verify_code(code: str, ctx: Ctx, signer: Signer) -> schemas.VerifyOut:
 # ---------------------------------------------------------------- public complaints (INST-07)
 
 
+def _client_address(request: Request) -> str | None:
+    """The reporter's address for the rate limit: the last X-Forwarded-For hop
+    (the one the gateway appends), else the TCP peer."""
+    hops = [h.strip() for v in request.headers.getlist("x-forwarded-for") for h in v.split(",")]
+    hops = [h for h in hops if h]
+    if hops:
+        return hops[-1]
+    return request.client.host if request.client else None
+
+
 @router.post(
     "/public/complaints",
     response_model=schemas.ComplaintReceipt,
@@ -435,8 +449,10 @@ async def verify_code(code: str, ctx: Ctx, signer: Signer) -> schemas.VerifyOut:
     tags=PUBLIC,
     summary="举报校外培训违规行为（可匿名）",
 )
-async def submit_complaint(body: schemas.ComplaintIn, ctx: Ctx) -> schemas.ComplaintReceipt:
-    receipt = await service.submit_complaint(ctx, body)
+async def submit_complaint(
+    body: schemas.ComplaintIn, ctx: Ctx, request: Request
+) -> schemas.ComplaintReceipt:
+    receipt = await service.submit_complaint(ctx, body, _client_address(request))
     c = receipt.complaint
     return schemas.ComplaintReceipt(
         id=c.id,
@@ -482,7 +498,7 @@ async def register(
     body: schemas.ApplicationIn, principal: CurrentPrincipal, ctx: Ctx
 ) -> schemas.InstitutionOut:
     inst = await service.register(ctx, body, principal)
-    return _institution_out(inst, ctx.policies)
+    return _institution_out(inst, ctx.policies, principal)
 
 
 @router.get(
@@ -511,7 +527,7 @@ async def list_institutions(
     async with ctx.db.read() as session:
         rows, cursor = await _keyset(session, query, Institution.id, page)
     return Page[schemas.InstitutionOut](
-        items=[_institution_out(r[0], ctx.policies) for r in rows], next_cursor=cursor
+        items=[_institution_out(r[0], ctx.policies, principal) for r in rows], next_cursor=cursor
     )
 
 
@@ -533,7 +549,7 @@ async def get_institution(
 ) -> schemas.InstitutionOut:
     async with ctx.db.read() as session:
         inst = await _visible(session, principal, institution_id)
-    return _institution_out(inst, ctx.policies)
+    return _institution_out(inst, ctx.policies, principal)
 
 
 @router.patch(
@@ -554,7 +570,7 @@ async def patch_institution(
                 errors=[FieldError(field=f"body.{key}", message="不能为空")],
             )
     inst = await service.update_application(ctx, institution_id, changes, principal)
-    return _institution_out(inst, ctx.policies)
+    return _institution_out(inst, ctx.policies, principal)
 
 
 @router.post(
@@ -567,7 +583,7 @@ async def licence_transition(
     institution_id: str, body: schemas.TransitionIn, principal: CurrentPrincipal, ctx: Ctx
 ) -> schemas.InstitutionOut:
     inst = await service.transition(ctx, institution_id, body, principal)
-    return _institution_out(inst, ctx.policies)
+    return _institution_out(inst, ctx.policies, principal)
 
 
 @router.get(
@@ -599,7 +615,7 @@ async def blacklist(
     institution_id: str, body: schemas.BlacklistIn, principal: CurrentPrincipal, ctx: Ctx
 ) -> schemas.InstitutionOut:
     inst = await service.blacklist(ctx, institution_id, body.reason, principal)
-    return _institution_out(inst, ctx.policies)
+    return _institution_out(inst, ctx.policies, principal)
 
 
 @router.post(
@@ -612,7 +628,7 @@ async def delist(
     institution_id: str, body: schemas.BlacklistIn, principal: CurrentPrincipal, ctx: Ctx
 ) -> schemas.InstitutionOut:
     inst = await service.delist(ctx, institution_id, body.reason, principal)
-    return _institution_out(inst, ctx.policies)
+    return _institution_out(inst, ctx.policies, principal)
 
 
 @router.get(

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
 from chassis.calendar import load_holiday_files, load_school_terms
 from chassis.roster import roster_subscription
+from services.institutions import service
 from services.institutions.api import router
 from services.institutions.compliance import ComplianceSigner
 from services.institutions.consumers import funds_subscription, trainer_screening_subscription
@@ -20,6 +21,12 @@ async def _on_startup(ctx: ServiceContext, app: FastAPI) -> None:
     # The compliance-code key (合规码, INST-04); the public half is the JWKS.
     ctx.extras["compliance"] = ComplianceSigner.from_environment(ctx.platform.var_dir)
     ctx.extras["public_base_url"] = os.environ.get("INSTITUTIONS_PUBLIC_BASE_URL", "")
+    # INST-07: public reports per client address and window (the gateway limits
+    # first; this holds when the service is reached without it).
+    ctx.extras["complaint_rate"] = service.ComplaintRate(
+        limit=int(os.environ.get("INSTITUTIONS_COMPLAINT_LIMIT", "10")),
+        window_seconds=int(os.environ.get("INSTITUTIONS_COMPLAINT_WINDOW_SECONDS", "3600")),
+    )
     # X-05: published holiday arrangements and the regions' school terms.
     ctx.extras["holiday_files"] = load_holiday_files()
     ctx.extras["terms"] = load_school_terms()

@@ -168,8 +168,14 @@ class Complaint(Base):
     """INST-07: a report (anonymous allowed) and its workflow."""
 
     __tablename__ = "complaints"
-    __table_args__ = (Index("ix_complaints_scope", "region_id", "department", "status"),)
+    __table_args__ = (
+        Index("ix_complaints_scope", "region_id", "department", "status"),
+        # INST-07 rate limit: recent reports from one (hashed) client address.
+        Index("ix_complaints_source", "source_hash", "received_at"),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: Keyed hash of the submitting client's address (never the address itself).
+    source_hash: Mapped[str | None] = mapped_column(String(64))
     tracking_code_hash: Mapped[str] = mapped_column(String(64), unique=True)
     institution_id: Mapped[str | None] = mapped_column(ForeignKey("institutions.id"), index=True)
     institution_name: Mapped[str] = mapped_column(String(200))

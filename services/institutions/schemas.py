@@ -98,7 +98,7 @@ class InstitutionOut(BaseModel):
     category: Category
     department: Department
     legal_representative: str
-    contact_phone: str | None
+    contact_phone: str | None = Field(description="联系电话（仅机构本身可见完整号码，X-06）")
     registered_address: str
     training_addresses: list[str]
     target_groups: list[TargetGroup]
@@ -329,7 +329,7 @@ class ComplaintOut(BaseModel):
     description: str
     anonymous: bool
     contact_name: str | None
-    contact_phone: str | None
+    contact_phone: str | None = Field(description="联系电话（仅机构本身可见完整号码，X-06）")
     status: str
     received_at: datetime
     received_on: date

@@ -7,6 +7,7 @@ raises a problem and the transaction rolls back, so nothing is half-written.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 import uuid
 from collections.abc import Sequence
@@ -838,7 +839,54 @@ class Receipt:
     tracking_code: str
 
 
-async def submit_complaint(ctx: ServiceContext, data: schemas.ComplaintIn) -> Receipt:
+@dataclass(frozen=True)
+class ComplaintRate:
+    """INST-07: at most ``limit`` public reports per client address per window."""
+
+    limit: int = 10
+    window_seconds: int = 3600
+
+
+def source_hash(address: str | None, pepper: str) -> str | None:
+    """A keyed hash of the client address: enough to count, not to identify."""
+    if not address:
+        return None
+    return hmac.new(pepper.encode(), f"complaint-source:{address}".encode(), "sha256").hexdigest()
+
+
+async def _check_complaint_rate(
+    session: AsyncSession, rate: ComplaintRate, source: str | None, at: datetime
+) -> None:
+    if source is None or rate.limit <= 0:
+        return
+    since = at - timedelta(seconds=rate.window_seconds)
+    recent = list(
+        (
+            await session.scalars(
+                select(Complaint.received_at)
+                .where(Complaint.source_hash == source, Complaint.received_at > since)
+                .order_by(Complaint.received_at)
+                .limit(rate.limit)
+            )
+        ).all()
+    )
+    if len(recent) >= rate.limit:
+        frees_at = recent[0] + timedelta(seconds=rate.window_seconds)
+        retry = max(1, int((frees_at - at).total_seconds()))
+        raise Problem(
+            429,
+            f"举报提交过于频繁：同一来源每 {rate.window_seconds // 60} 分钟最多 {rate.limit} 件，"
+            f"请 {retry} 秒后再试。",
+            rule="INST-07",
+            headers={"Retry-After": str(retry)},
+            limit=rate.limit,
+            window_seconds=rate.window_seconds,
+        )
+
+
+async def submit_complaint(
+    ctx: ServiceContext, data: schemas.ComplaintIn, client_address: str | None = None
+) -> Receipt:
     errors: list[FieldError] = []
     if data.institution_id is None and data.institution_name is None:
         errors.append(_field("body.institution_id", "请填写被举报机构编号或名称"))
@@ -863,6 +911,9 @@ async def submit_complaint(ctx: ServiceContext, data: schemas.ComplaintIn) -> Re
             inst.profile_id if inst else await resolve_profile_id(session, ctx.policies, region_id)
         )
         at = now()
+        source = source_hash(client_address, ctx.platform.id_hash_pepper)
+        rate: ComplaintRate = ctx.extras.get("complaint_rate") or ComplaintRate()
+        await _check_complaint_rate(session, rate, source, at)
         received_on = at.astimezone(SHANGHAI).date()
         profile = profile_for(ctx.policies, profile_id, received_on)
         calendar = await region_calendar(session, ctx, region_id, profile_id)
@@ -870,6 +921,7 @@ async def submit_complaint(ctx: ServiceContext, data: schemas.ComplaintIn) -> Re
         complaint = Complaint(
             id=new_id(),
             tracking_code_hash=hash_tracking_code(code),
+            source_hash=source,
             institution_id=inst.id if inst else None,
             institution_name=inst.name if inst else str(data.institution_name),
             region_id=region_id,

@@ -14,7 +14,7 @@ from chassis.messaging import outbox_table
 from chassis.privacy import hash_identity_number, resident_id_check_digit
 from chassis.roster import upsert
 from services.institutions import service
-from services.institutions.models import Course, Institution, Trainer, roster
+from services.institutions.models import Complaint, Course, Institution, Trainer, roster
 from tests.conftest import PEPPER
 from tests.institutions.conftest import (
     REGION,
@@ -670,6 +670,33 @@ async def test_inst07_anonymous_complaint_workflow_deadline_and_credit(inst, tok
     credit = (await c.get("/institutions/org-c/credit", headers=auth(culture))).json()
     assert credit["score"] == 95 and credit["records"][0]["source"] == "complaint"
     assert (await c.get(f"/public/complaints/{receipt['tracking_code']}")).json()["outcome"]
+
+
+async def test_inst07_public_reports_are_rate_limited_per_client_address(inst, tokens, monkeypatch):
+    c = inst.client
+    await register(c, tokens, "org-r", category="arts")
+    inst.ctx.extras["complaint_rate"] = service.ComplaintRate(limit=3, window_seconds=3600)
+    report = {"institution_id": "org-r", "category": "advertising", "description": "夸大宣传效果"}
+    flood = {"X-Forwarded-For": "203.0.113.7"}
+    for _ in range(3):
+        assert (await c.post("/public/complaints", json=report, headers=flood)).status_code == 201
+    r = await c.post("/public/complaints", json=report, headers=flood)
+    assert r.status_code == 429, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    problem = r.json()
+    assert problem["rule"] == "INST-07" and problem["limit"] == 3 and "频繁" in problem["detail"]
+    assert 1 <= int(r.headers["Retry-After"]) <= 3600
+    assert await count(inst, Complaint) == 3  # the refused report wrote nothing
+    # Another address is not affected; the address itself is never stored.
+    other = {"X-Forwarded-For": "198.51.100.9"}
+    assert (await c.post("/public/complaints", json=report, headers=other)).status_code == 201
+    async with inst.ctx.db.read() as session:
+        hashes = set((await session.scalars(select(Complaint.source_hash))).all())
+    assert len(hashes) == 2 and not any("203.0.113.7" in (h or "") for h in hashes)
+    # After the window the address may report again.
+    later = utcnow() + dt.timedelta(seconds=3601)
+    monkeypatch.setattr(service, "now", lambda: later)
+    assert (await c.post("/public/complaints", json=report, headers=flood)).status_code == 201
 
 
 async def test_inst07_unregistered_institution_report_routing_contact_and_overdue(

@@ -6,8 +6,14 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import func, select
 
-from services.institutions.models import Course, Institution, Trainer
-from tests.institutions.conftest import act, licensed, register
+from services.institutions.models import (
+    Course,
+    Institution,
+    LicenceTransition,
+    Penalty,
+    Trainer,
+)
+from tests.institutions.conftest import act, application, licensed, register
 from tests.institutions.test_api import course_body, trainer_body
 from tests.support import auth
 
@@ -64,6 +70,17 @@ async def test_gw03_institution_a_reads_and_changes_nothing_of_b(inst, tokens):
             "/institutions/org-b/inspections",
             {"inspected_on": "2026-11-01", "result": "serious_violation", "findings": "伪造"},
         ),
+        (
+            "POST",
+            "/institutions/org-b/penalties",
+            {
+                "kind": "warning",
+                "severity": "serious",
+                "reason": "恶意",
+                "decided_on": "2026-11-01",
+            },
+        ),
+        ("POST", "/institutions/org-b/delist", {"reason": "恶意"}),
     ]
     trainers = await _count(inst, Trainer)
     for method, path, body in writes:
@@ -82,12 +99,35 @@ async def test_gw03_institution_a_reads_and_changes_nothing_of_b(inst, tokens):
         await c.get(f"/institutions/org-a/courses/{course_id}", headers=a_token)
     ).status_code == 404
 
-    after = (await c.get("/institutions/org-b", headers=auth(tokens.institution("org-b")))).json()
+    # ``b`` is the regulator's view after the grant: compare like with like.
+    after = (await c.get("/institutions/org-b", headers=auth(tokens.regulator("sports")))).json()
     assert after == {**b, "district": after["district"]} and after["district"] == b["district"]
     assert await _count(inst, Trainer) == trainers
     assert await _count(inst, Course) == 1
     listed = (await c.get("/institutions", headers=a_token)).json()["items"]
     assert [i["id"] for i in listed] == ["org-a"]
+    # A cannot file an application in B's name either.
+    r = await c.post("/institutions", json={**application(), "id": "org-b"}, headers=a_token)
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body.id"
+    async with inst.ctx.db.read() as session:
+        penalties = await session.scalar(select(func.count()).select_from(Penalty))
+        history = await session.scalar(select(func.count()).select_from(LicenceTransition))
+    assert penalties == 0 and history == 6  # 3 each for A and B: apply, review, grant
+    assert (await c.get("/public/blacklist")).json()["items"] == []
+
+
+async def test_x06_institution_phone_in_full_only_to_the_institution_itself(inst, tokens):
+    c = inst.client
+    await licensed(c, tokens, "org-p", contact_phone="13812345678")
+    own = (await c.get("/institutions/org-p", headers=auth(tokens.institution("org-p")))).json()
+    assert own["contact_phone"] == "13812345678"
+    for token in (tokens.regulator("sports"), tokens.bureau()):
+        seen = (await c.get("/institutions/org-p", headers=auth(token))).json()
+        assert seen["contact_phone"] == "138****5678"
+        listed = (await c.get("/institutions", headers=auth(token))).json()["items"]
+        assert listed[0]["contact_phone"] == "138****5678"
+    public = (await c.get("/public/institutions/org-p")).json()
+    assert "13812345678" not in str(public)
 
 
 async def test_gw03_regulators_see_only_their_department_and_region(inst, tokens):

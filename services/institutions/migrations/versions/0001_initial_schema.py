@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:38:32.700990
+Create Date: 2026-11-23 11:24:59.295850
 """
 
 from collections.abc import Sequence
@@ -31,6 +31,18 @@ def upgrade() -> None:
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_dead_letters'))
+    )
+    op.create_table('idempotency_keys',
+    sa.Column('client', sa.String(length=128), nullable=False),
+    sa.Column('key', sa.String(length=255), nullable=False),
+    sa.Column('fingerprint', sa.String(length=64), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('response_status', sa.Integer(), nullable=True),
+    sa.Column('response_body', sa.LargeBinary(), nullable=True),
+    sa.Column('content_type', sa.String(length=100), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('completed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('client', 'key', name=op.f('pk_idempotency_keys'))
     )
     op.create_table('inbox',
     sa.Column('consumer', sa.String(length=80), nullable=False),
@@ -188,6 +200,7 @@ def upgrade() -> None:
 
     op.create_table('complaints',
     sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('source_hash', sa.String(length=64), nullable=True),
     sa.Column('tracking_code_hash', sa.String(length=64), nullable=False),
     sa.Column('institution_id', sa.String(length=64), nullable=True),
     sa.Column('institution_name', sa.String(length=200), nullable=False),
@@ -214,6 +227,7 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_complaints_deadline'), ['deadline'], unique=False)
         batch_op.create_index(batch_op.f('ix_complaints_institution_id'), ['institution_id'], unique=False)
         batch_op.create_index('ix_complaints_scope', ['region_id', 'department', 'status'], unique=False)
+        batch_op.create_index('ix_complaints_source', ['source_hash', 'received_at'], unique=False)
 
     op.create_table('courses',
     sa.Column('id', sa.String(length=36), nullable=False),
@@ -395,6 +409,7 @@ def downgrade() -> None:
 
     op.drop_table('courses')
     with op.batch_alter_table('complaints', schema=None) as batch_op:
+        batch_op.drop_index('ix_complaints_source')
         batch_op.drop_index('ix_complaints_scope')
         batch_op.drop_index(batch_op.f('ix_complaints_institution_id'))
         batch_op.drop_index(batch_op.f('ix_complaints_deadline'))
@@ -439,5 +454,6 @@ def downgrade() -> None:
 
     op.drop_table('outbox')
     op.drop_table('inbox')
+    op.drop_table('idempotency_keys')
     op.drop_table('dead_letters')
     # ### end Alembic commands ###
