@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Date,
     ForeignKey,
@@ -229,7 +230,7 @@ class Penalty(Base):
     institution_id: Mapped[str] = mapped_column(ForeignKey("institutions.id"), index=True)
     kind: Mapped[str] = mapped_column(String(24))
     severity: Mapped[str] = mapped_column(String(8))
-    fine_fen: Mapped[int | None] = mapped_column(Integer)
+    fine_fen: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(Text)
     decided_on: Mapped[date] = mapped_column(Date)
     inspection_id: Mapped[str | None] = mapped_column(ForeignKey("inspections.id"))

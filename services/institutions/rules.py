@@ -642,11 +642,25 @@ def course_violations(
     return CourseVerdict(out, warnings, price_group, band, top)
 
 
+#: Years a schedule may name (the calendar computes festivals for 1901..9998).
+LESSON_YEARS: Final = (2000, 9998)
+
+
 def lesson_input_problems(
     lessons: Sequence[Lesson], *, lesson_minutes: int, lesson_count: int
 ) -> list[tuple[str, str]]:
     """Shape errors of a schedule (field, message): not policy, just bad input."""
     out: list[tuple[str, str]] = []
+    for i, lesson in enumerate(lessons):
+        if not LESSON_YEARS[0] <= lesson.date.year <= LESSON_YEARS[1]:
+            out.append(
+                (
+                    f"body.lessons.{i}.date",
+                    f"上课日期应在 {LESSON_YEARS[0]}–{LESSON_YEARS[1]} 年之间",
+                )
+            )
+    if out:
+        return out
     if len(lessons) != lesson_count:
         out.append(("body.lesson_count", f"课时数 {lesson_count} 与课表节数 {len(lessons)} 不一致"))
     for i, lesson in enumerate(lessons):

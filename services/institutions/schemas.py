@@ -375,7 +375,9 @@ class PenaltyIn(Strict):
         "licence_revocation 吊销办学许可证"
     )
     severity: Severity = Field(description="minor 轻微 / general 一般 / serious 严重（列入黑名单）")
-    fine_fen: int | None = Field(default=None, strict=True, gt=0, description="罚款金额（分）")
+    fine_fen: int | None = Field(
+        default=None, strict=True, gt=0, le=10**13, description="罚款金额（分）"
+    )
     reason: str = Field(min_length=2, max_length=4000)
     decided_on: date
     inspection_id: str | None = None

@@ -51,6 +51,7 @@ from services.institutions.models import (
 
 SHANGHAI = timezone(timedelta(hours=8))
 DEFAULT_LICENCE_YEARS = 3
+MAX_LICENCE_YEARS = 10  # a sanity bound on a typed validity, not a policy figure
 LICENCE_PREFIX = {"education": "教民", "sports": "体民", "culture": "文民", "science": "科民"}
 
 
@@ -387,6 +388,14 @@ def _illegal(status: str, action: str) -> Problem:
     )
 
 
+def _years_later(day: date, years: int) -> date:
+    """The same day ``years`` on; 29 February becomes 28 February."""
+    try:
+        return day.replace(year=day.year + years)
+    except ValueError:
+        return day.replace(year=day.year + years, day=28)
+
+
 async def _unique_licence_number(session: AsyncSession, department: str, on: date) -> str:
     while True:
         number = f"{LICENCE_PREFIX[department]}{on.year}{secrets.randbelow(10**8):08d}号"
@@ -415,12 +424,18 @@ async def _apply_transition(
         violations = rules.approval_violations(_application_facts(inst))
         if violations:
             raise _violations_problem("INST-02", "不予许可：" + violations[0].message, violations)
-        valid_until = body.valid_until or on.replace(year=on.year + DEFAULT_LICENCE_YEARS)
+        valid_until = body.valid_until or _years_later(on, DEFAULT_LICENCE_YEARS)
         if valid_until <= on:
             raise Problem(
                 422,
                 "许可有效期须晚于今天。",
                 errors=[_field("body.valid_until", "须晚于今天")],
+            )
+        if valid_until > _years_later(on, MAX_LICENCE_YEARS):
+            raise Problem(
+                422,
+                f"许可有效期不能超过 {MAX_LICENCE_YEARS} 年。",
+                errors=[_field("body.valid_until", f"不超过 {MAX_LICENCE_YEARS} 年")],
             )
         inst.licence_number = await _unique_licence_number(session, inst.department, on)
         inst.licence_valid_from = on

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 11:24:59.295850
+Create Date: 2026-11-23 11:33:54.603254
 """
 
 from collections.abc import Sequence
@@ -358,7 +358,7 @@ def upgrade() -> None:
     sa.Column('institution_id', sa.String(length=64), nullable=False),
     sa.Column('kind', sa.String(length=24), nullable=False),
     sa.Column('severity', sa.String(length=8), nullable=False),
-    sa.Column('fine_fen', sa.Integer(), nullable=True),
+    sa.Column('fine_fen', sa.BigInteger(), nullable=True),
     sa.Column('reason', sa.Text(), nullable=False),
     sa.Column('decided_on', sa.Date(), nullable=False),
     sa.Column('inspection_id', sa.String(length=36), nullable=True),
