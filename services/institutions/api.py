@@ -227,7 +227,10 @@ async def public_whitelist(
     category: CategoryQ = None,
 ) -> Page[schemas.PublicListItem]:
     query = select(Institution, Institution.id).where(
-        Institution.status == "licensed", Institution.blacklisted.is_(False)
+        Institution.status == "licensed",
+        Institution.blacklisted.is_(False),
+        # A licence past its validity is not a licence in force.
+        Institution.licence_valid_until >= service.today(),
     )
     query = _public_filters(
         query,
@@ -373,13 +376,18 @@ async def compliance_keys(signer: Signer, response: Response) -> dict[str, Any]:
     return signer.jwks()
 
 
+def _licence_lapsed(inst: Institution) -> bool:
+    until = inst.licence_valid_until
+    return until is not None and until < service.today()
+
+
 _VERDICT_ZH = {
     "licensed": "持证经营",
     "suspended": "许可暂停（整改中）",
     "revoked": "许可已吊销",
     "terminated": "已终止办学",
     "blacklisted": "已列入黑名单",
-    "expired": "合规码已过期",
+    "expired": "许可已过有效期",
     "superseded": "合规码已被新证取代",
     "unknown": "机构不存在",
 }
@@ -410,7 +418,7 @@ async def verify_code(code: str, ctx: Ctx, signer: Signer) -> schemas.VerifyOut:
         verdict = "unknown"
     elif inst.licence_number != claims.get("licence_number"):
         verdict = "superseded"
-    elif expired:
+    elif expired or _licence_lapsed(inst):
         verdict = "expired"
     else:
         verdict = "licensed"
@@ -642,10 +650,15 @@ async def compliance_code(
 ) -> schemas.ComplianceCodeOut:
     async with ctx.db.read() as session:
         inst = await _visible(session, principal, institution_id)
-    if inst.status != "licensed" or inst.blacklisted or inst.licence_number is None:
+    if (
+        inst.status != "licensed"
+        or inst.blacklisted
+        or inst.licence_number is None
+        or _licence_lapsed(inst)
+    ):
         raise Problem(
             409,
-            "只有持证且未列入黑名单的机构可以领取合规码。",
+            "只有持证（许可在有效期内）且未列入黑名单的机构可以领取合规码。",
             rule="INST-04",
             status_now=inst.status,
             blacklisted=inst.blacklisted,

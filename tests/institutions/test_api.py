@@ -311,6 +311,26 @@ async def test_inst04_black_list_after_revocation_with_reason_and_date(inst, tok
     assert detail["blacklisted"] and detail["blacklist_reason"] == "无证多址办学"
 
 
+async def test_inst04_a_lapsed_licence_leaves_the_white_list_and_its_plate_says_so(
+    inst, tokens, monkeypatch
+):
+    c = inst.client
+    body = await licensed(c, tokens, "org-old", name="过期体育")
+    own = auth(tokens.institution("org-old"))
+    plate = (await c.get("/institutions/org-old/compliance-code", headers=own)).json()
+    ids = [i["id"] for i in (await c.get("/public/whitelist")).json()["items"]]
+    assert ids == ["org-old"]
+
+    until = dt.date.fromisoformat(body["licence_valid_until"])
+    after = dt.datetime.combine(until + dt.timedelta(days=2), dt.time(4), dt.UTC)
+    monkeypatch.setattr(service, "now", lambda: after)
+    assert (await c.get("/public/whitelist")).json()["items"] == []
+    verdict = (await c.get(f"/public/verify/{plate['code']}")).json()
+    assert verdict["genuine"] is True and verdict["verdict"] == "expired"
+    r = await c.get("/institutions/org-old/compliance-code", headers=own)
+    assert r.status_code == 409 and r.json()["rule"] == "INST-04"
+
+
 async def test_inst04_compliance_code_verifies_offline_and_online_with_live_status(inst, tokens):
     c = inst.client
     await licensed(c, tokens, "org-qr", name="扫码验证体育")
