@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.app import Ctx
+from chassis.app import Ctx, ServiceContext
 from chassis.auth import CurrentPrincipal, Principal
 from chassis.errors import FieldError, Problem, not_found
 from chassis.pagination import Page, PageParams, decode_cursor, encode_cursor
@@ -42,7 +42,24 @@ PEOPLE = ["从业人员"]
 COURSES = ["课程备案"]
 CASES = ["举报投诉"]
 OVERSIGHT = ["检查处罚与信用"]
-Pages = Annotated[PageParams, Depends()]
+
+
+async def _page(
+    limit: Annotated[int, Query(ge=1, le=500, description="每页条数")] = 50,
+    cursor: Annotated[str | None, Query(description="上一页返回的 next_cursor")] = None,
+) -> PageParams:
+    # An async dependency: FastAPI runs sync ones (a class) in the thread pool.
+    return PageParams(limit=limit, cursor=cursor)
+
+
+async def _context(request: Request) -> ServiceContext:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx
+
+
+Pages = Annotated[PageParams, Depends(_page)]
+#: ``chassis.app.Ctx`` without the thread-pool hop (for the hot public look-ups).
+FastCtx = Annotated[ServiceContext, Depends(_context)]
 
 
 def _signer(ctx: Ctx) -> ComplianceSigner:
@@ -218,7 +235,7 @@ CategoryQ = Annotated[rules.Category | None, Query(description="类别")]
     summary="白名单：持证正常经营的机构（按名称、信用代码、区域、类别查询）",
 )
 async def public_whitelist(
-    ctx: Ctx,
+    ctx: FastCtx,
     page: Pages,
     q: Q = None,
     credit_code: CreditCodeQ = None,
@@ -253,7 +270,7 @@ async def public_whitelist(
     summary="黑名单：列入黑名单的机构、原因与日期",
 )
 async def public_blacklist(
-    ctx: Ctx,
+    ctx: FastCtx,
     page: Pages,
     q: Q = None,
     credit_code: CreditCodeQ = None,
