@@ -10,7 +10,8 @@ import hashlib
 import hmac
 import secrets
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.app import ServiceContext
@@ -138,6 +140,16 @@ def credit_level_of(policies: PolicyRegistry, inst: Institution) -> str:
 
 
 # ---------------------------------------------------------------- helpers
+
+
+@asynccontextmanager
+async def _unique_or_conflict(detail: str) -> AsyncIterator[None]:
+    """A unique key taken by a concurrent transaction (PostgreSQL: both passed
+    the check, the second commit fails) is a 409, like the checked case."""
+    try:
+        yield
+    except IntegrityError:
+        raise conflict(detail) from None
 
 
 async def _get_institution(
@@ -312,7 +324,10 @@ async def register(
     if violations:
         raise _violations_problem("INST-02", "不予受理：" + violations[0].message, violations)
 
-    async with ctx.db.transaction() as session:
+    async with (
+        _unique_or_conflict("该机构或该统一社会信用代码已登记。"),
+        ctx.db.transaction() as session,
+    ):
         profile_id = await resolve_profile_id(session, ctx.policies, data.region_id)
         if await session.get(Institution, institution_id) is not None:
             raise conflict("该机构已有登记记录。", institution_id=institution_id)
@@ -653,7 +668,7 @@ async def add_trainer(
             "身份证号无效（校验位不符）。",
             errors=[_field("body.id_number", "身份证号无效")],
         )
-    async with ctx.db.transaction() as session:
+    async with _unique_or_conflict("该人员已在本机构登记。"), ctx.db.transaction() as session:
         inst = await _get_institution(session, institution_id, lock=True)
         access.ensure_owner_or_regulator(principal, inst)
         assert inst is not None

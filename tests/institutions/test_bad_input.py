@@ -184,3 +184,32 @@ async def test_inst08_a_large_fine_is_stored_exactly(inst, tokens):
     assert r.status_code == 201, r.text
     listed = (await c.get("/institutions/org-fine/penalties", headers=reg)).json()
     assert [p["fine_fen"] for p in listed] == [fine]
+
+
+async def test_inst01_concurrent_registrations_of_one_credit_code_one_wins_one_conflicts(
+    inst, tokens
+):
+    import asyncio
+
+    from tests.institutions.conftest import credit_code
+
+    c = inst.client
+    code = credit_code(990001)
+    regulator = auth(tokens.regulator("sports"))
+    replies = await asyncio.gather(
+        *(
+            c.post(
+                "/institutions",
+                json={**application(), "id": f"org-race-{i}", "credit_code": code},
+                headers=regulator,
+            )
+            for i in range(4)
+        )
+    )
+    statuses = sorted(r.status_code for r in replies)
+    assert statuses == [201, 409, 409, 409], [r.text for r in replies]
+    async with inst.ctx.db.read() as session:
+        n = await session.scalar(
+            select(func.count()).select_from(Institution).where(Institution.credit_code == code)
+        )
+    assert n == 1
