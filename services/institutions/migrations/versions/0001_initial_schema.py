@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:27:15.370521
+Create Date: 2026-11-23 11:33:54.603254
 """
 
 from collections.abc import Sequence
@@ -32,6 +32,18 @@ def upgrade() -> None:
     sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_dead_letters'))
     )
+    op.create_table('idempotency_keys',
+    sa.Column('client', sa.String(length=128), nullable=False),
+    sa.Column('key', sa.String(length=255), nullable=False),
+    sa.Column('fingerprint', sa.String(length=64), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('response_status', sa.Integer(), nullable=True),
+    sa.Column('response_body', sa.LargeBinary(), nullable=True),
+    sa.Column('content_type', sa.String(length=100), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('completed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('client', 'key', name=op.f('pk_idempotency_keys'))
+    )
     op.create_table('inbox',
     sa.Column('consumer', sa.String(length=80), nullable=False),
     sa.Column('event_id', sa.String(length=36), nullable=False),
@@ -53,6 +65,44 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index('ix_outbox_pending', ['position'], unique=False, postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
+
+    op.create_table('institutions',
+    sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('credit_code', sa.String(length=18), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('profile_id', sa.String(length=64), nullable=False),
+    sa.Column('district', sa.String(length=100), nullable=True),
+    sa.Column('category', sa.String(length=16), nullable=False),
+    sa.Column('department', sa.String(length=16), nullable=False),
+    sa.Column('legal_representative', sa.String(length=100), nullable=False),
+    sa.Column('contact_phone', sa.String(length=20), nullable=True),
+    sa.Column('registered_address', sa.String(length=300), nullable=False),
+    sa.Column('training_addresses', sa.JSON(), nullable=False),
+    sa.Column('target_groups', sa.JSON(), nullable=False),
+    sa.Column('profit_status', sa.String(length=16), nullable=False),
+    sa.Column('modes', sa.JSON(), nullable=False),
+    sa.Column('existing_permit_number', sa.String(length=64), nullable=True),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('licence_number', sa.String(length=40), nullable=True),
+    sa.Column('licence_valid_from', sa.Date(), nullable=True),
+    sa.Column('licence_valid_until', sa.Date(), nullable=True),
+    sa.Column('reregistration_pending', sa.Boolean(), nullable=False),
+    sa.Column('blacklisted', sa.Boolean(), nullable=False),
+    sa.Column('can_enroll', sa.Boolean(), nullable=False),
+    sa.Column('can_charge', sa.Boolean(), nullable=False),
+    sa.Column('credit_score', sa.Integer(), nullable=False),
+    sa.Column('created_by', sa.String(length=80), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_institutions')),
+    sa.UniqueConstraint('credit_code', name=op.f('uq_institutions_credit_code')),
+    sa.UniqueConstraint('licence_number', name=op.f('uq_institutions_licence_number'))
+    )
+    with op.batch_alter_table('institutions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_institutions_name'), ['name'], unique=False)
+        batch_op.create_index('ix_institutions_public', ['status', 'blacklisted', 'id'], unique=False)
+        batch_op.create_index('ix_institutions_region_category', ['region_id', 'category'], unique=False)
 
     op.create_table('roster_classes',
     sa.Column('id', sa.String(length=36), nullable=False),
@@ -132,11 +182,243 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_roster_teachers_id_number_hash'), ['id_number_hash'], unique=False)
         batch_op.create_index(batch_op.f('ix_roster_teachers_school_id'), ['school_id'], unique=False)
 
+    op.create_table('blacklist_entries',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('source', sa.String(length=32), nullable=False),
+    sa.Column('listed_on', sa.Date(), nullable=False),
+    sa.Column('listed_by', sa.String(length=80), nullable=False),
+    sa.Column('delisted_on', sa.Date(), nullable=True),
+    sa.Column('delist_reason', sa.Text(), nullable=True),
+    sa.Column('delisted_by', sa.String(length=80), nullable=True),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_blacklist_entries_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_blacklist_entries'))
+    )
+    with op.batch_alter_table('blacklist_entries', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_blacklist_entries_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('complaints',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('source_hash', sa.String(length=64), nullable=True),
+    sa.Column('tracking_code_hash', sa.String(length=64), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=True),
+    sa.Column('institution_name', sa.String(length=200), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('department', sa.String(length=16), nullable=False),
+    sa.Column('category', sa.String(length=32), nullable=False),
+    sa.Column('description', sa.Text(), nullable=False),
+    sa.Column('anonymous', sa.Boolean(), nullable=False),
+    sa.Column('contact_name', sa.String(length=100), nullable=True),
+    sa.Column('contact_phone', sa.String(length=20), nullable=True),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('received_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('received_on', sa.Date(), nullable=False),
+    sa.Column('deadline', sa.Date(), nullable=False),
+    sa.Column('assignee', sa.String(length=80), nullable=True),
+    sa.Column('outcome', sa.Text(), nullable=True),
+    sa.Column('substantiated', sa.Boolean(), nullable=True),
+    sa.Column('closed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_complaints_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_complaints')),
+    sa.UniqueConstraint('tracking_code_hash', name=op.f('uq_complaints_tracking_code_hash'))
+    )
+    with op.batch_alter_table('complaints', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_complaints_deadline'), ['deadline'], unique=False)
+        batch_op.create_index(batch_op.f('ix_complaints_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index('ix_complaints_scope', ['region_id', 'department', 'status'], unique=False)
+        batch_op.create_index('ix_complaints_source', ['source_hash', 'received_at'], unique=False)
+
+    op.create_table('courses',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('subject', sa.String(length=40), nullable=False),
+    sa.Column('subject_category', sa.String(length=16), nullable=False),
+    sa.Column('mode', sa.String(length=8), nullable=False),
+    sa.Column('target_grades', sa.JSON(), nullable=False),
+    sa.Column('min_age_years', sa.Integer(), nullable=True),
+    sa.Column('lesson_minutes', sa.Integer(), nullable=False),
+    sa.Column('price_per_lesson_fen', sa.Integer(), nullable=False),
+    sa.Column('lesson_count', sa.Integer(), nullable=False),
+    sa.Column('max_class_size', sa.Integer(), nullable=False),
+    sa.Column('class_size_band', sa.String(length=8), nullable=False),
+    sa.Column('price_group', sa.String(length=40), nullable=True),
+    sa.Column('period_start', sa.Date(), nullable=False),
+    sa.Column('period_end', sa.Date(), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('filed_by', sa.String(length=80), nullable=False),
+    sa.Column('filed_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_courses_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_courses'))
+    )
+    with op.batch_alter_table('courses', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_courses_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('credit_records',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('source', sa.String(length=40), nullable=False),
+    sa.Column('source_ref', sa.String(length=120), nullable=False),
+    sa.Column('delta', sa.Integer(), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('recorded_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_credit_records_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_credit_records')),
+    sa.UniqueConstraint('source', 'source_ref', name=op.f('uq_credit_records_source_source_ref'))
+    )
+    with op.batch_alter_table('credit_records', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_credit_records_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('inspections',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('inspected_on', sa.Date(), nullable=False),
+    sa.Column('result', sa.String(length=24), nullable=False),
+    sa.Column('findings', sa.Text(), nullable=False),
+    sa.Column('inspector', sa.String(length=80), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_inspections_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_inspections'))
+    )
+    with op.batch_alter_table('inspections', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_inspections_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('licence_transitions',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('action', sa.String(length=32), nullable=False),
+    sa.Column('from_status', sa.String(length=16), nullable=True),
+    sa.Column('to_status', sa.String(length=16), nullable=False),
+    sa.Column('detail', sa.JSON(), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('actor', sa.String(length=80), nullable=False),
+    sa.Column('actor_roles', sa.JSON(), nullable=False),
+    sa.Column('event_type', sa.String(length=120), nullable=True),
+    sa.Column('at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_licence_transitions_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_licence_transitions'))
+    )
+    with op.batch_alter_table('licence_transitions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_licence_transitions_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('trainers',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('name', sa.String(length=100), nullable=False),
+    sa.Column('id_type', sa.String(length=24), nullable=False),
+    sa.Column('id_number_hash', sa.String(length=64), nullable=False),
+    sa.Column('id_number_masked', sa.String(length=40), nullable=False),
+    sa.Column('nationality', sa.String(length=2), nullable=False),
+    sa.Column('located_abroad', sa.Boolean(), nullable=False),
+    sa.Column('teacher_certificate_number', sa.String(length=40), nullable=True),
+    sa.Column('subjects', sa.JSON(), nullable=False),
+    sa.Column('consent_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('background_check', sa.String(length=16), nullable=False),
+    sa.Column('background_checked_on', sa.Date(), nullable=False),
+    sa.Column('background_check_authority', sa.String(length=100), nullable=False),
+    sa.Column('status', sa.String(length=24), nullable=False),
+    sa.Column('flag_reason', sa.Text(), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_trainers_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_trainers')),
+    sa.UniqueConstraint('institution_id', 'id_number_hash', name=op.f('uq_trainers_institution_id_id_number_hash'))
+    )
+    with op.batch_alter_table('trainers', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_trainers_id_number_hash'), ['id_number_hash'], unique=False)
+        batch_op.create_index(batch_op.f('ix_trainers_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('complaint_steps',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('complaint_id', sa.String(length=36), nullable=False),
+    sa.Column('action', sa.String(length=16), nullable=False),
+    sa.Column('from_status', sa.String(length=16), nullable=True),
+    sa.Column('to_status', sa.String(length=16), nullable=False),
+    sa.Column('note', sa.Text(), nullable=True),
+    sa.Column('actor', sa.String(length=80), nullable=False),
+    sa.Column('at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['complaint_id'], ['complaints.id'], name=op.f('fk_complaint_steps_complaint_id_complaints')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_complaint_steps'))
+    )
+    with op.batch_alter_table('complaint_steps', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_complaint_steps_complaint_id'), ['complaint_id'], unique=False)
+
+    op.create_table('course_lessons',
+    sa.Column('course_id', sa.String(length=36), nullable=False),
+    sa.Column('seq', sa.Integer(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('start', sa.Time(), nullable=False),
+    sa.Column('end', sa.Time(), nullable=False),
+    sa.ForeignKeyConstraint(['course_id'], ['courses.id'], name=op.f('fk_course_lessons_course_id_courses')),
+    sa.PrimaryKeyConstraint('course_id', 'seq', name=op.f('pk_course_lessons'))
+    )
+    op.create_table('penalties',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('kind', sa.String(length=24), nullable=False),
+    sa.Column('severity', sa.String(length=8), nullable=False),
+    sa.Column('fine_fen', sa.BigInteger(), nullable=True),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('decided_on', sa.Date(), nullable=False),
+    sa.Column('inspection_id', sa.String(length=36), nullable=True),
+    sa.Column('complaint_id', sa.String(length=36), nullable=True),
+    sa.Column('decided_by', sa.String(length=80), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['complaint_id'], ['complaints.id'], name=op.f('fk_penalties_complaint_id_complaints')),
+    sa.ForeignKeyConstraint(['inspection_id'], ['inspections.id'], name=op.f('fk_penalties_inspection_id_inspections')),
+    sa.ForeignKeyConstraint(['institution_id'], ['institutions.id'], name=op.f('fk_penalties_institution_id_institutions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_penalties'))
+    )
+    with op.batch_alter_table('penalties', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_penalties_institution_id'), ['institution_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('penalties', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_penalties_institution_id'))
+
+    op.drop_table('penalties')
+    op.drop_table('course_lessons')
+    with op.batch_alter_table('complaint_steps', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_complaint_steps_complaint_id'))
+
+    op.drop_table('complaint_steps')
+    with op.batch_alter_table('trainers', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_trainers_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_trainers_id_number_hash'))
+
+    op.drop_table('trainers')
+    with op.batch_alter_table('licence_transitions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_licence_transitions_institution_id'))
+
+    op.drop_table('licence_transitions')
+    with op.batch_alter_table('inspections', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_inspections_institution_id'))
+
+    op.drop_table('inspections')
+    with op.batch_alter_table('credit_records', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_credit_records_institution_id'))
+
+    op.drop_table('credit_records')
+    with op.batch_alter_table('courses', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_courses_institution_id'))
+
+    op.drop_table('courses')
+    with op.batch_alter_table('complaints', schema=None) as batch_op:
+        batch_op.drop_index('ix_complaints_source')
+        batch_op.drop_index('ix_complaints_scope')
+        batch_op.drop_index(batch_op.f('ix_complaints_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_complaints_deadline'))
+
+    op.drop_table('complaints')
+    with op.batch_alter_table('blacklist_entries', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_blacklist_entries_institution_id'))
+
+    op.drop_table('blacklist_entries')
     with op.batch_alter_table('roster_teachers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_roster_teachers_school_id'))
         batch_op.drop_index(batch_op.f('ix_roster_teachers_id_number_hash'))
@@ -161,10 +443,17 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_roster_classes_school_id'))
 
     op.drop_table('roster_classes')
+    with op.batch_alter_table('institutions', schema=None) as batch_op:
+        batch_op.drop_index('ix_institutions_region_category')
+        batch_op.drop_index('ix_institutions_public')
+        batch_op.drop_index(batch_op.f('ix_institutions_name'))
+
+    op.drop_table('institutions')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_outbox_pending', postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
 
     op.drop_table('outbox')
     op.drop_table('inbox')
+    op.drop_table('idempotency_keys')
     op.drop_table('dead_letters')
     # ### end Alembic commands ###
