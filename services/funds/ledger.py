@@ -156,7 +156,12 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
     for p in postings:
         _check_legs(p.legs)
     head = (
-        await session.execute(select(LedgerHead).where(LedgerHead.id == 1).with_for_update())
+        await session.execute(
+            select(LedgerHead)
+            .where(LedgerHead.id == 1)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
     ).scalar_one()
 
     # Accounts: create missing ones, then check non-negative balances.

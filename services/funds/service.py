@@ -99,14 +99,22 @@ async def calendar(session: AsyncSession) -> Calendar:
 
 async def _lock_contract(session: AsyncSession, contract_id: str) -> Contract | None:
     return (
-        await session.execute(select(Contract).where(Contract.id == contract_id).with_for_update())
+        await session.execute(
+            select(Contract)
+            .where(Contract.id == contract_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
     ).scalar_one_or_none()
 
 
 async def _account_shared(session: AsyncSession, account_id: str) -> EscrowAccount:
     return (
         await session.execute(
-            select(EscrowAccount).where(EscrowAccount.id == account_id).with_for_update(read=True)
+            select(EscrowAccount)
+            .where(EscrowAccount.id == account_id)
+            .with_for_update(read=True)
+            .execution_options(populate_existing=True)
         )
     ).scalar_one()
 
@@ -120,7 +128,9 @@ async def on_institution_facts(session: AsyncSession, envelope: Envelope) -> Non
     reinstatement / delisting when the institution may charge again."""
     facts = envelope.parse()
     assert isinstance(facts, InstitutionFacts)
-    existing = await session.get(Institution, facts.institution_id, with_for_update=True)
+    existing = await session.get(
+        Institution, facts.institution_id, with_for_update=True, populate_existing=True
+    )
     if existing is not None and existing.facts_at > facts.occurred_at:
         return  # an older fact arriving late changes nothing
     values = {
@@ -144,6 +154,7 @@ async def on_institution_facts(session: AsyncSession, envelope: Envelope) -> Non
             select(EscrowAccount)
             .where(EscrowAccount.institution_id == facts.institution_id)
             .with_for_update()
+            .execution_options(populate_existing=True)
         )
     ).scalar_one_or_none()
     if account is None or account.state == "closed":
@@ -270,6 +281,7 @@ async def freeze_account(
                 )
                 .order_by(Contract.id)
                 .with_for_update()
+                .execution_options(populate_existing=True)
             )
         )
         .scalars()
@@ -280,7 +292,10 @@ async def freeze_account(
         if quote.amount_fen <= 0:
             continue
         open_refund = await session.scalar(
-            select(Refund).where(Refund.open_contract_id == contract.id).with_for_update()
+            select(Refund)
+            .where(Refund.open_contract_id == contract.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
         )
         if open_refund is not None:
             # The parent's own request is taken over by the plan, approved.
@@ -389,6 +404,7 @@ async def purchase(
         select(EscrowAccount)
         .where(EscrowAccount.institution_id == data.institution_id)
         .with_for_update(read=True)
+        .execution_options(populate_existing=True)
     )
     course = await session.get(Course, data.course_id)
     region_id = inst.region_id if inst is not None else (course.region_id if course else "")
@@ -608,7 +624,9 @@ async def report_lesson(
     if contract is None or not principal.has_tenant("institution", contract.institution_id):
         raise not_found("合同不存在。")
     if contract.status not in ("active",):
-        raise conflict("合同未生效或已关闭，不能上报课次。", rule="FUND-04", status=contract.status)
+        raise conflict(
+            "合同未生效或已关闭，不能上报课次。", rule="FUND-04", current_status=contract.status
+        )
     if delivered_on > today:
         raise Problem(
             422,
@@ -661,10 +679,15 @@ async def answer_lesson(
     if principal is not None and principal.person_id != contract.guardian_id:
         raise not_found("课次不存在。")
     lesson = (
-        await session.execute(select(Lesson).where(Lesson.id == lesson_id).with_for_update())
+        await session.execute(
+            select(Lesson)
+            .where(Lesson.id == lesson_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
     ).scalar_one()
     if lesson.status != "reported":
-        raise conflict("该课次已确认或已提出异议。", rule="FUND-04", status=lesson.status)
+        raise conflict("该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status)
     lesson.answered_at = utcnow()
     contract.reported_lessons -= 1
     if not confirm:
@@ -795,7 +818,9 @@ async def request_refund(
     if contract.status == "refunding":
         raise conflict("该合同已有办理中的退费申请。", rule="FUND-06")
     if contract.status != "active":
-        raise conflict("合同未缴费或已关闭，无可退费用。", rule="FUND-06", status=contract.status)
+        raise conflict(
+            "合同未缴费或已关闭，无可退费用。", rule="FUND-06", current_status=contract.status
+        )
     quote = await _quote(session, contract)
     if quote.amount_fen <= 0:
         raise rule_violation("FUND-06", "没有未消课时或未释放的保证金，无可退费用。", status=409)
@@ -844,7 +869,7 @@ async def respond_refund(
     if refund is None or not principal.has_tenant("institution", refund.institution_id):
         raise not_found("退费申请不存在。")
     if refund.status != "requested":
-        raise conflict("该退费申请已答复或已办结。", rule="FUND-06", status=refund.status)
+        raise conflict("该退费申请已答复或已办结。", rule="FUND-06", current_status=refund.status)
     refund.status = "agreed" if agree else "objected"
     refund.answer = answer
     return refund
@@ -873,7 +898,12 @@ async def decide_refund(
 
 async def _lock_refund(session: AsyncSession, refund_id: str) -> Refund | None:
     return (
-        await session.execute(select(Refund).where(Refund.id == refund_id).with_for_update())
+        await session.execute(
+            select(Refund)
+            .where(Refund.id == refund_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
     ).scalar_one_or_none()
 
 
@@ -984,6 +1014,7 @@ async def create_payouts(
                 .where(EscrowAccount.bank_id == bank_id, EscrowAccount.state == "active")
                 .order_by(EscrowAccount.id)
                 .with_for_update(read=True)
+                .execution_options(populate_existing=True)
             )
         )
         .scalars()
@@ -1049,7 +1080,12 @@ async def execute_payout(
     session: AsyncSession, bank_id: str, payout_id: str, bank_ref: str
 ) -> Payout:
     payout = (
-        await session.execute(select(Payout).where(Payout.id == payout_id).with_for_update())
+        await session.execute(
+            select(Payout)
+            .where(Payout.id == payout_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
     ).scalar_one_or_none()
     if payout is None or payout.bank_id != bank_id:
         raise not_found("划付指令不存在。")
@@ -1262,6 +1298,7 @@ async def sweep(session: AsyncSession, policies: PolicyRegistry, today: dt.date)
                 select(Refund)
                 .where(Refund.status == "requested", Refund.respond_by < today)
                 .with_for_update()
+                .execution_options(populate_existing=True)
             )
         )
         .scalars()
@@ -1280,6 +1317,7 @@ async def sweep(session: AsyncSession, policies: PolicyRegistry, today: dt.date)
                     Refund.overdue_reported.is_(False),
                 )
                 .with_for_update()
+                .execution_options(populate_existing=True)
             )
         )
         .scalars()
