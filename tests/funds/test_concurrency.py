@@ -87,9 +87,15 @@ async def test_fund02_concurrent_purchases_and_payments(funds: Funds) -> None:
     # Each payment sent three times concurrently with the same bank reference.
     calls = []
     for c in contracts:
-        body = {"contract_id": c["id"], "amount_fen": 30000, "bank_ref": f"P-{c['id']}",
-                "payer_account": "6217000011112222"}
-        calls += [funds.post("/bank/payments", funds.bank_token, body, signed=True) for _ in range(3)]
+        body = {
+            "contract_id": c["id"],
+            "amount_fen": 30000,
+            "bank_ref": f"P-{c['id']}",
+            "payer_account": "6217000011112222",
+        }
+        calls += [
+            funds.post("/bank/payments", funds.bank_token, body, signed=True) for _ in range(3)
+        ]
     results = await asyncio.gather(*calls)
     assert sorted(r.status_code for r in results).count(201) == 10
     r = await funds.client.get(
