@@ -410,9 +410,10 @@ async def payout_batch(
     bank_id = _bank_of(principal, body.bank_id)
     today = _today()
 
-    async def work(session: AsyncSession) -> list[schemas.PayoutOut]:
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
         payouts = await service.create_payouts(session, ctx.policies, bank_id, today)
-        return [schemas.PayoutOut.model_validate(p) for p in payouts]
+        # idempotency._encode serializes only a single model; dump each item.
+        return [schemas.PayoutOut.model_validate(p).model_dump(mode="json") for p in payouts]
 
     return await _money(ctx, request, principal, work, 201)
 
