@@ -2,14 +2,45 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastapi import FastAPI
 
-from chassis.app import ServiceSpec, create_service_app
+from chassis.app import ServiceContext, ServiceSpec, create_service_app
+from chassis.messaging import Subscription
 from chassis.roster import roster_subscription
+from contracts import institutions as inst
+from services.funds import service
 from services.funds.api import router
 from services.funds.models import Base, roster
+
+# Shared secret of the custodian banks' signed callbacks (X-Bank-Signature).
+BANK_SECRET_ENV = "FUNDS_BANK_CALLBACK_SECRET"
+DEV_BANK_SECRET = "dev-only-bank-callback-secret"
+
+institutions_subscription = Subscription(
+    "institutions",
+    "institutions",
+    handlers={
+        inst.LicenceGranted.TYPE: service.on_institution_facts,
+        inst.LicenceReviewStarted.TYPE: service.on_institution_facts,
+        inst.LicenceRejected.TYPE: service.on_institution_facts,
+        inst.LicenceSuspended.TYPE: service.on_institution_facts,
+        inst.LicenceReinstated.TYPE: service.on_institution_facts,
+        inst.LicenceRevoked.TYPE: service.on_institution_facts,
+        inst.LicenceTransformed.TYPE: service.on_institution_facts,
+        inst.LicenceTerminated.TYPE: service.on_institution_facts,
+        inst.Blacklisted.TYPE: service.on_institution_facts,
+        inst.Delisted.TYPE: service.on_institution_facts,
+        inst.CourseFiled.TYPE: service.on_course_filed,
+    },
+)
+
+
+async def on_startup(ctx: ServiceContext, app: FastAPI) -> None:
+    ctx.extras["bank_secret"] = os.environ.get(BANK_SECRET_ENV, DEV_BANK_SECRET)
+
 
 SPEC = ServiceSpec(
     name="funds",
@@ -18,7 +49,18 @@ SPEC = ServiceSpec(
     routers=[router],
     metadata=Base.metadata,
     migrations_dir=Path(__file__).resolve().parent / "migrations",
-    subscriptions=[roster_subscription(roster)],
+    subscriptions=[roster_subscription(roster), institutions_subscription],
+    on_startup=on_startup,
+    openapi_tags=[
+        {"name": "专户", "description": "资金监管专户（FUND-01/07）"},
+        {"name": "合同", "description": "购课与合同（FUND-02/03）"},
+        {"name": "课次", "description": "一课一消（FUND-04/05）"},
+        {"name": "退费", "description": "退费与冻结退费计划（FUND-06/07）"},
+        {"name": "结算", "description": "机构结算划付（FUND-04）"},
+        {"name": "银行", "description": "监管银行签名回调与对账（FUND-08）"},
+        {"name": "风险", "description": "风险预警（FUND-08）"},
+        {"name": "审计", "description": "日记账、试算平衡与哈希链（FUND-09）"},
+    ],
 )
 
 

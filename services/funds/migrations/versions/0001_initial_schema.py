@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:40:48.589116
+Create Date: 2026-11-23 11:27:56.064511
 """
 
 from collections.abc import Sequence
@@ -17,6 +17,8 @@ revision: str = '0001'
 down_revision: str | None = None
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+JOURNAL_TABLES = ("journal_transactions", "journal_entries")
 
 
 def upgrade() -> None:
@@ -65,6 +67,163 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index('ix_outbox_pending', ['position'], unique=False, postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
+
+    op.create_table('courses',
+    sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('subject', sa.String(length=64), nullable=False),
+    sa.Column('price_per_lesson_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('lesson_count', sa.Integer(), nullable=False),
+    sa.Column('lesson_minutes', sa.Integer(), nullable=False),
+    sa.Column('period_start', sa.Date(), nullable=False),
+    sa.Column('period_end', sa.Date(), nullable=False),
+    sa.Column('filed_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_courses'))
+    )
+    with op.batch_alter_table('courses', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_courses_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('escrow_accounts',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('bank_id', sa.String(length=64), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('account_number', sa.String(length=64), nullable=False),
+    sa.Column('state', sa.String(length=16), nullable=False),
+    sa.Column('opened_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('frozen_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('freeze_reason', sa.Text(), nullable=True),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_escrow_accounts')),
+    sa.UniqueConstraint('institution_id', name=op.f('uq_escrow_accounts_institution_id'))
+    )
+    with op.batch_alter_table('escrow_accounts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_escrow_accounts_bank_id'), ['bank_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_escrow_accounts_region_id'), ['region_id'], unique=False)
+
+    op.create_table('institutions',
+    sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('status', sa.String(length=20), nullable=False),
+    sa.Column('blacklisted', sa.Boolean(), nullable=False),
+    sa.Column('reregistration_pending', sa.Boolean(), nullable=False),
+    sa.Column('can_charge', sa.Boolean(), nullable=False),
+    sa.Column('licence_number', sa.String(length=64), nullable=True),
+    sa.Column('facts_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_institutions'))
+    )
+    with op.batch_alter_table('institutions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_institutions_region_id'), ['region_id'], unique=False)
+
+    op.create_table('journal_transactions',
+    sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=False, nullable=False),
+    sa.Column('kind', sa.String(length=40), nullable=False),
+    sa.Column('ref', sa.String(length=64), nullable=False),
+    sa.Column('memo', sa.String(length=200), nullable=False),
+    sa.Column('bank_ref', sa.String(length=64), nullable=True),
+    sa.Column('bank_id', sa.String(length=64), nullable=True),
+    sa.Column('posted_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('prev_hash', sa.String(length=64), nullable=False),
+    sa.Column('hash', sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('seq', name=op.f('pk_journal_transactions')),
+    sa.UniqueConstraint('hash', name=op.f('uq_journal_transactions_hash'))
+    )
+    with op.batch_alter_table('journal_transactions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_journal_transactions_bank_id'), ['bank_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_journal_transactions_bank_ref'), ['bank_ref'], unique=False)
+        batch_op.create_index(batch_op.f('ix_journal_transactions_kind'), ['kind'], unique=False)
+        batch_op.create_index(batch_op.f('ix_journal_transactions_ref'), ['ref'], unique=False)
+
+    op.create_table('ledger_accounts',
+    sa.Column('code', sa.String(length=120), nullable=False),
+    sa.Column('kind', sa.String(length=32), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=True),
+    sa.Column('contract_id', sa.String(length=36), nullable=True),
+    sa.Column('balance_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.PrimaryKeyConstraint('code', name=op.f('pk_ledger_accounts'))
+    )
+    with op.batch_alter_table('ledger_accounts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_ledger_accounts_contract_id'), ['contract_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ledger_accounts_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ledger_accounts_kind'), ['kind'], unique=False)
+
+    op.create_table('ledger_head',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('hash', sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_ledger_head'))
+    )
+    op.create_table('payouts',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('batch_id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('account_id', sa.String(length=36), nullable=False),
+    sa.Column('bank_id', sa.String(length=64), nullable=False),
+    sa.Column('amount_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('executed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('journal_seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_payouts'))
+    )
+    with op.batch_alter_table('payouts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_payouts_account_id'), ['account_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_payouts_bank_id'), ['bank_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_payouts_batch_id'), ['batch_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_payouts_institution_id'), ['institution_id'], unique=False)
+
+    op.create_table('reconciliations',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('bank_id', sa.String(length=64), nullable=False),
+    sa.Column('statement_date', sa.Date(), nullable=False),
+    sa.Column('lines', sa.Integer(), nullable=False),
+    sa.Column('matched', sa.Integer(), nullable=False),
+    sa.Column('mismatches', sa.JSON(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_reconciliations'))
+    )
+    with op.batch_alter_table('reconciliations', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_reconciliations_bank_id'), ['bank_id'], unique=False)
+
+    op.create_table('refund_plans',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('account_id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('bank_id', sa.String(length=64), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('trigger', sa.String(length=120), nullable=False),
+    sa.Column('contracts', sa.Integer(), nullable=False),
+    sa.Column('total_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_refund_plans'))
+    )
+    with op.batch_alter_table('refund_plans', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_refund_plans_account_id'), ['account_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refund_plans_bank_id'), ['bank_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refund_plans_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refund_plans_region_id'), ['region_id'], unique=False)
+
+    op.create_table('risk_alerts',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('kind', sa.String(length=40), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=True),
+    sa.Column('region_id', sa.String(length=64), nullable=True),
+    sa.Column('detail', sa.Text(), nullable=False),
+    sa.Column('facts', sa.JSON(), nullable=False),
+    sa.Column('dedupe_key', sa.String(length=200), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_risk_alerts')),
+    sa.UniqueConstraint('dedupe_key', name=op.f('uq_risk_alerts_dedupe_key'))
+    )
+    with op.batch_alter_table('risk_alerts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_risk_alerts_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_risk_alerts_kind'), ['kind'], unique=False)
+        batch_op.create_index(batch_op.f('ix_risk_alerts_region_id'), ['region_id'], unique=False)
 
     op.create_table('roster_classes',
     sa.Column('id', sa.String(length=36), nullable=False),
@@ -144,11 +303,217 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_roster_teachers_id_number_hash'), ['id_number_hash'], unique=False)
         batch_op.create_index(batch_op.f('ix_roster_teachers_school_id'), ['school_id'], unique=False)
 
+    op.create_table('contracts',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('account_id', sa.String(length=36), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('course_id', sa.String(length=64), nullable=False),
+    sa.Column('course_name', sa.String(length=200), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('guardian_id', sa.String(length=36), nullable=False),
+    sa.Column('mode', sa.String(length=16), nullable=False),
+    sa.Column('lessons', sa.Integer(), nullable=False),
+    sa.Column('price_per_lesson_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('total_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('starts_on', sa.Date(), nullable=False),
+    sa.Column('ends_on', sa.Date(), nullable=False),
+    sa.Column('status', sa.String(length=20), nullable=False),
+    sa.Column('paid_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('reported_lessons', sa.Integer(), nullable=False),
+    sa.Column('confirmed_lessons', sa.Integer(), nullable=False),
+    sa.Column('released_lessons', sa.Integer(), nullable=False),
+    sa.Column('refunded_lessons', sa.Integer(), nullable=False),
+    sa.Column('released_gross_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('refunded_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('next_lesson_seq', sa.Integer(), nullable=False),
+    sa.Column('payer_account', sa.String(length=64), nullable=True),
+    sa.Column('document', sa.Text(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['account_id'], ['escrow_accounts.id'], name=op.f('fk_contracts_account_id_escrow_accounts')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_contracts'))
+    )
+    with op.batch_alter_table('contracts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_contracts_account_id'), ['account_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_contracts_guardian_id'), ['guardian_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_contracts_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_contracts_region_id'), ['region_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_contracts_student_id'), ['student_id'], unique=False)
+
+    op.create_table('journal_entries',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('leg', sa.Integer(), nullable=False),
+    sa.Column('account', sa.String(length=120), nullable=False),
+    sa.Column('amount_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.ForeignKeyConstraint(['account'], ['ledger_accounts.code'], name=op.f('fk_journal_entries_account_ledger_accounts')),
+    sa.ForeignKeyConstraint(['seq'], ['journal_transactions.seq'], name=op.f('fk_journal_entries_seq_journal_transactions')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_journal_entries')),
+    sa.UniqueConstraint('seq', 'leg', name=op.f('uq_journal_entries_seq_leg'))
+    )
+    with op.batch_alter_table('journal_entries', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_journal_entries_account'), ['account'], unique=False)
+        batch_op.create_index(batch_op.f('ix_journal_entries_seq'), ['seq'], unique=False)
+
+    op.create_table('lessons',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('contract_id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('seq', sa.Integer(), nullable=False),
+    sa.Column('delivered_on', sa.Date(), nullable=False),
+    sa.Column('reported_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('auto_confirm_on', sa.Date(), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('answered_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('dispute_reason', sa.Text(), nullable=True),
+    sa.Column('released', sa.Boolean(), nullable=False),
+    sa.ForeignKeyConstraint(['contract_id'], ['contracts.id'], name=op.f('fk_lessons_contract_id_contracts')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_lessons')),
+    sa.UniqueConstraint('contract_id', 'seq', name=op.f('uq_lessons_contract_id_seq'))
+    )
+    with op.batch_alter_table('lessons', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_lessons_auto_confirm_on'), ['auto_confirm_on'], unique=False)
+        batch_op.create_index(batch_op.f('ix_lessons_contract_id'), ['contract_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_lessons_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_lessons_status'), ['status'], unique=False)
+
+    op.create_table('payments',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('bank_ref', sa.String(length=64), nullable=False),
+    sa.Column('bank_id', sa.String(length=64), nullable=False),
+    sa.Column('contract_id', sa.String(length=36), nullable=False),
+    sa.Column('amount_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('payer_account', sa.String(length=64), nullable=False),
+    sa.Column('journal_seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('received_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['contract_id'], ['contracts.id'], name=op.f('fk_payments_contract_id_contracts')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_payments')),
+    sa.UniqueConstraint('bank_ref', name=op.f('uq_payments_bank_ref'))
+    )
+    with op.batch_alter_table('payments', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_payments_contract_id'), ['contract_id'], unique=False)
+
+    op.create_table('refunds',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('contract_id', sa.String(length=36), nullable=False),
+    sa.Column('institution_id', sa.String(length=64), nullable=False),
+    sa.Column('account_id', sa.String(length=36), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('open_contract_id', sa.String(length=36), nullable=True),
+    sa.Column('origin', sa.String(length=16), nullable=False),
+    sa.Column('plan_id', sa.String(length=36), nullable=True),
+    sa.Column('lessons', sa.Integer(), nullable=False),
+    sa.Column('amount_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('requested_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('requested_on', sa.Date(), nullable=False),
+    sa.Column('respond_by', sa.Date(), nullable=False),
+    sa.Column('due_by', sa.Date(), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=True),
+    sa.Column('answer', sa.Text(), nullable=True),
+    sa.Column('overdue_reported', sa.Boolean(), nullable=False),
+    sa.Column('paid_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('paid_fen', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.Column('payee_account', sa.String(length=64), nullable=True),
+    sa.Column('journal_seq', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
+    sa.ForeignKeyConstraint(['contract_id'], ['contracts.id'], name=op.f('fk_refunds_contract_id_contracts')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_refunds')),
+    sa.UniqueConstraint('open_contract_id', name=op.f('uq_refunds_open_contract_id'))
+    )
+    with op.batch_alter_table('refunds', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_refunds_account_id'), ['account_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_contract_id'), ['contract_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_due_by'), ['due_by'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_plan_id'), ['plan_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_region_id'), ['region_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_refunds_status'), ['status'], unique=False)
+
     # ### end Alembic commands ###
+
+    # FUND-09: the chain starts at the genesis hash.
+    op.bulk_insert(
+        sa.table("ledger_head", sa.column("id"), sa.column("seq"), sa.column("hash")),
+        [{"id": 1, "seq": 0, "hash": "0" * 64}],
+    )
+    # FUND-09: the journal is append-only, also for someone with SQL access
+    # through the service's connection (an auditor's chain check catches the rest).
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        op.execute(
+            """
+            CREATE FUNCTION funds_journal_append_only() RETURNS trigger AS $$
+            BEGIN
+                RAISE EXCEPTION 'journal is append-only (FUND-09): % on %', TG_OP, TG_TABLE_NAME;
+            END;
+            $$ LANGUAGE plpgsql
+            """
+        )
+        for table in JOURNAL_TABLES:
+            op.execute(
+                f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION funds_journal_append_only()"
+            )
+            op.execute(
+                f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {table} "
+                "FOR EACH STATEMENT EXECUTE FUNCTION funds_journal_append_only()"
+            )
+    else:
+        for table in JOURNAL_TABLES:
+            for action in ("UPDATE", "DELETE"):
+                op.execute(
+                    f"CREATE TRIGGER {table}_no_{action.lower()} BEFORE {action} ON {table} "
+                    f"BEGIN SELECT RAISE(ABORT, 'journal is append-only (FUND-09)'); END"
+                )
 
 
 def downgrade() -> None:
+    bind = op.get_bind()
+    if bind.dialect.name == "postgresql":
+        for table in JOURNAL_TABLES:
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}")
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}")
+        op.execute("DROP FUNCTION IF EXISTS funds_journal_append_only()")
+    else:
+        for table in JOURNAL_TABLES:
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_update")
+            op.execute(f"DROP TRIGGER IF EXISTS {table}_no_delete")
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('refunds', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_refunds_status'))
+        batch_op.drop_index(batch_op.f('ix_refunds_region_id'))
+        batch_op.drop_index(batch_op.f('ix_refunds_plan_id'))
+        batch_op.drop_index(batch_op.f('ix_refunds_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_refunds_due_by'))
+        batch_op.drop_index(batch_op.f('ix_refunds_contract_id'))
+        batch_op.drop_index(batch_op.f('ix_refunds_account_id'))
+
+    op.drop_table('refunds')
+    with op.batch_alter_table('payments', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_payments_contract_id'))
+
+    op.drop_table('payments')
+    with op.batch_alter_table('lessons', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_lessons_status'))
+        batch_op.drop_index(batch_op.f('ix_lessons_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_lessons_contract_id'))
+        batch_op.drop_index(batch_op.f('ix_lessons_auto_confirm_on'))
+
+    op.drop_table('lessons')
+    with op.batch_alter_table('journal_entries', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_journal_entries_seq'))
+        batch_op.drop_index(batch_op.f('ix_journal_entries_account'))
+
+    op.drop_table('journal_entries')
+    with op.batch_alter_table('contracts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_contracts_student_id'))
+        batch_op.drop_index(batch_op.f('ix_contracts_region_id'))
+        batch_op.drop_index(batch_op.f('ix_contracts_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_contracts_guardian_id'))
+        batch_op.drop_index(batch_op.f('ix_contracts_account_id'))
+
+    op.drop_table('contracts')
     with op.batch_alter_table('roster_teachers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_roster_teachers_school_id'))
         batch_op.drop_index(batch_op.f('ix_roster_teachers_id_number_hash'))
@@ -173,6 +538,57 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_roster_classes_school_id'))
 
     op.drop_table('roster_classes')
+    with op.batch_alter_table('risk_alerts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_risk_alerts_region_id'))
+        batch_op.drop_index(batch_op.f('ix_risk_alerts_kind'))
+        batch_op.drop_index(batch_op.f('ix_risk_alerts_institution_id'))
+
+    op.drop_table('risk_alerts')
+    with op.batch_alter_table('refund_plans', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_refund_plans_region_id'))
+        batch_op.drop_index(batch_op.f('ix_refund_plans_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_refund_plans_bank_id'))
+        batch_op.drop_index(batch_op.f('ix_refund_plans_account_id'))
+
+    op.drop_table('refund_plans')
+    with op.batch_alter_table('reconciliations', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_reconciliations_bank_id'))
+
+    op.drop_table('reconciliations')
+    with op.batch_alter_table('payouts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_payouts_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_payouts_batch_id'))
+        batch_op.drop_index(batch_op.f('ix_payouts_bank_id'))
+        batch_op.drop_index(batch_op.f('ix_payouts_account_id'))
+
+    op.drop_table('payouts')
+    op.drop_table('ledger_head')
+    with op.batch_alter_table('ledger_accounts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_ledger_accounts_kind'))
+        batch_op.drop_index(batch_op.f('ix_ledger_accounts_institution_id'))
+        batch_op.drop_index(batch_op.f('ix_ledger_accounts_contract_id'))
+
+    op.drop_table('ledger_accounts')
+    with op.batch_alter_table('journal_transactions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_journal_transactions_ref'))
+        batch_op.drop_index(batch_op.f('ix_journal_transactions_kind'))
+        batch_op.drop_index(batch_op.f('ix_journal_transactions_bank_ref'))
+        batch_op.drop_index(batch_op.f('ix_journal_transactions_bank_id'))
+
+    op.drop_table('journal_transactions')
+    with op.batch_alter_table('institutions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_institutions_region_id'))
+
+    op.drop_table('institutions')
+    with op.batch_alter_table('escrow_accounts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_escrow_accounts_region_id'))
+        batch_op.drop_index(batch_op.f('ix_escrow_accounts_bank_id'))
+
+    op.drop_table('escrow_accounts')
+    with op.batch_alter_table('courses', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_courses_institution_id'))
+
+    op.drop_table('courses')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_outbox_pending', postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
 
