@@ -214,6 +214,8 @@ class FeeStatement(Base):
     waiver_fen: Mapped[int] = mapped_column(Integer)
     amount_fen: Mapped[int] = mapped_column(Integer)
     paid_fen: Mapped[int] = mapped_column(Integer, default=0)
+    # False: billed in advance on planned sessions; True: settled on days served.
+    final: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 

@@ -361,7 +361,8 @@ class SchoolReport:
     meets_target: bool
 
 
-def _share(part: int, whole: int) -> Decimal:
+def share(part: int, whole: int) -> Decimal:
+    """A share rounded to 4 places for reports (decisions use exact comparisons)."""
     if whole == 0:
         return Decimal(0)
     return (Decimal(part) / Decimal(whole)).quantize(Decimal("0.0001"))
@@ -375,13 +376,13 @@ def school_report(policy: AfterschoolPolicy, f: SchoolFigures) -> SchoolReport:
         has_plan=f.has_plan,
         students=f.students,
         served=f.served,
-        served_share=_share(f.served, f.students),
+        served_share=share(f.served, f.students),
         difficulty=f.difficulty,
         difficulty_served=f.difficulty_served,
         difficulty_served_share=(
-            _share(f.difficulty_served, f.difficulty) if f.difficulty else None
+            share(f.difficulty_served, f.difficulty) if f.difficulty else None
         ),
-        external_share=_share(f.external_courses, f.courses),
+        external_share=share(f.external_courses, f.courses),
         satisfaction=(
             (Decimal(f.satisfaction_sum) / Decimal(f.satisfaction_count)).quantize(Decimal("0.01"))
             if f.satisfaction_count

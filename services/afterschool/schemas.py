@@ -140,6 +140,9 @@ class WaiverIn(_In):
 
 class SettleIn(_In):
     month: str = Field(pattern=r"^\d{4}-(0[1-9]|1[0-2])$")
+    final: bool = Field(
+        default=False, description="false：按计划课次预收；true：按实际服务天数结算（多退）"
+    )
 
 
 class StatementOut(BaseModel):

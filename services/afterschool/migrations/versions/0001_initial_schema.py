@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 11:25:30.040478
+Create Date: 2026-11-23 11:33:15.482644
 """
 
 from collections.abc import Sequence
@@ -349,6 +349,7 @@ def upgrade() -> None:
     sa.Column('waiver_fen', sa.Integer(), nullable=False),
     sa.Column('amount_fen', sa.Integer(), nullable=False),
     sa.Column('paid_fen', sa.Integer(), nullable=False),
+    sa.Column('final', sa.Boolean(), nullable=False),
     sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['enrollment_id'], ['enrollments.id'], name=op.f('fk_fee_statements_enrollment_id_enrollments')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_fee_statements')),
