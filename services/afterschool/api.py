@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis import idempotency
 from chassis.app import DB, Ctx, Policies
 from chassis.auth import CurrentPrincipal
+from chassis.errors import rule_violation
 from services.afterschool import operations, schemas, service
 
 router = APIRouter()
@@ -109,6 +110,11 @@ async def enroll(
     ctx: Ctx,
     waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
 ) -> Response:
+    if not waitlist:
+        left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
+        if left is not None and left <= 0:
+            # Sold out and no waitlist wanted: answered from a read, nothing written.
+            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
     claim = await idempotency.begin(ctx.db, request, principal)
     if isinstance(claim, Response):
         return claim

@@ -545,6 +545,55 @@ async def _lock_student(session: AsyncSession, student_id: str) -> dict[str, Any
     return dict(row) if row is not None else None
 
 
+async def _lock_own_child(
+    session: AsyncSession, principal: Principal, student_id: str
+) -> dict[str, Any] | None:
+    """The caller's own child, locked as in ``_lock_student`` (one statement)."""
+    if not principal.has_role("parent") or not principal.person_id:
+        return None
+    s, g = roster.students, roster.guardianships
+    row = (
+        (
+            await session.execute(
+                select(s)
+                .join(g, g.c.student_id == s.c.id)
+                .where(s.c.id == student_id, g.c.guardian_id == principal.person_id)
+                .with_for_update(of=s)
+            )
+        )
+        .mappings()
+        .first()
+    )
+    return dict(row) if row is not None else None
+
+
+async def seats_left(
+    db: Database, principal: Principal, course_id: str, student_id: str
+) -> int | None:
+    """A read-only look at a course's free seats for the caller's own child at
+    its school (None when the caller may not see it): lets a parent who does
+    not want the waitlist be told "full" without a write (AS-04)."""
+    if not principal.has_role("parent") or not principal.person_id:
+        return None
+    s, g = roster.students, roster.guardianships
+    async with db.read() as session:
+        row = (
+            await session.execute(
+                select(Course.capacity - Course.seats_taken, Course.status)
+                .join(s, s.c.school_id == Course.school_id)
+                .join(g, g.c.student_id == s.c.id)
+                .where(
+                    Course.id == course_id,
+                    s.c.id == student_id,
+                    g.c.guardian_id == principal.person_id,
+                )
+            )
+        ).first()
+    if row is None or row[1] != "active":
+        return None
+    return int(row[0])
+
+
 async def enroll(
     session: AsyncSession,
     principal: Principal,
@@ -558,9 +607,7 @@ async def enroll(
     capacity``) in the same transaction that inserts the held enrollment, so
     at every committed instant seats taken = enrollments held.
     """
-    if not await is_guardian(session, principal, data.student_id):
-        raise Problem(404, "学生不存在。")
-    student = await _lock_student(session, data.student_id)
+    student = await _lock_own_child(session, principal, data.student_id)
     if student is None or not student["active"]:
         raise Problem(404, "学生不存在。")
     course = await session.get(Course, data.course_id)
