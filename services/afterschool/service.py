@@ -763,7 +763,8 @@ async def withdraw(db: Database, principal: Principal, enrollment_id: str) -> sc
         if done.rowcount != 1:  # type: ignore[attr-defined]
             raise conflict("报名状态已变化，请刷新后重试。")
         if previous == "held":
-            promoted = await _promote(session, course)
+            # No one is moved into a course whose provider left the catalog (AS-03).
+            promoted = await _promote(session, course) if course.status == "active" else None
             if promoted is None:
                 await session.execute(
                     update(Course)

@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from contracts import institutions as inst
 from contracts.base import STREAMS, Envelope
-from services.afterschool.models import Course
+from services.afterschool.models import Course, Enrollment
 from tests.afterschool.helpers import (
     add_course,
     admin_token,
@@ -95,6 +95,7 @@ async def test_as03_revoked_licence_event_removes_institution_and_flags_courses(
                 teacher_id=None,
                 start="16:30",
                 end="17:30",
+                capacity=1,
             ),
             headers=auth(token),
         )
@@ -104,6 +105,9 @@ async def test_as03_revoked_licence_event_removes_institution_and_flags_courses(
     await open_window(svc.client, token, plan["id"])
     r = await enroll(svc.client, parent_token(mint, school, 0), school.students[0], course["id"])
     assert r.status_code == 201 and r.json()["status"] == "held"
+    holder = r.json()["id"]
+    r = await enroll(svc.client, parent_token(mint, school, 1), school.students[1], course["id"])
+    assert r.status_code == 201 and r.json()["status"] == "waitlisted"
 
     envelope = await publish(
         svc,
@@ -141,10 +145,24 @@ async def test_as03_revoked_licence_event_removes_institution_and_flags_courses(
         )
     assert len(rows) == 1
     data = json.loads(rows[0])["data"]
-    assert data["id"] == course["id"] and data["affected_student_ids"] == [school.students[0]]
+    assert data["id"] == course["id"]
+    assert sorted(data["affected_student_ids"]) == sorted(school.students[:2])
+    # The holder leaves: nobody is moved into a flagged course; the seat is freed.
+    r = await svc.client.post(
+        f"/enrollments/{holder}/withdraw", headers=auth(parent_token(mint, school, 0))
+    )
+    assert r.status_code == 200
+    async with svc.ctx.db.read() as session:
+        assert (await session.get(Course, course["id"])).seats_taken == 0
+        waiting = (
+            await session.execute(
+                select(Enrollment.status).where(Enrollment.student_id == school.students[1])
+            )
+        ).scalar_one()
+        assert waiting == "waitlisted"
 
     # No new enrollment in a flagged course, and the institution is out of the catalog.
-    r = await enroll(svc.client, parent_token(mint, school, 1), school.students[1], course["id"])
+    r = await enroll(svc.client, parent_token(mint, school, 0), school.students[0], course["id"])
     assert r.status_code == 409 and r.json()["rule"] == "AS-03"
     r = await svc.client.post(
         f"/plans/{plan['id']}/courses",
