@@ -1,7 +1,332 @@
-"""afterschool's HTTP routes (the domain endpoints arrive with the service's own issue)."""
+"""afterschool's HTTP routes: parse, authorize, call a use case, shape the reply."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import datetime as dt
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis import idempotency
+from chassis.app import DB, Ctx, Policies
+from chassis.auth import CurrentPrincipal
+from chassis.errors import rule_violation
+from services.afterschool import operations, schemas, service
 
 router = APIRouter()
+
+
+# ------------------------------------------------------------ AS-01 plans
+
+
+@router.post(
+    "/schools/{school_id}/plans",
+    status_code=201,
+    summary="制定学期课后服务方案（一校一案，AS-01）",
+    tags=["方案与课程"],
+)
+async def create_plan(
+    school_id: str,
+    data: schemas.PlanIn,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+) -> schemas.PlanOut:
+    return await service.create_plan(db, policies, principal, school_id, data)
+
+
+@router.get("/schools/{school_id}/plans", summary="学校的课后服务方案", tags=["方案与课程"])
+async def list_plans(school_id: str, principal: CurrentPrincipal, db: DB) -> list[schemas.PlanOut]:
+    return await service.list_plans(db, principal, school_id)
+
+
+@router.get("/plans/{plan_id}", summary="课后服务方案", tags=["方案与课程"])
+async def get_plan(plan_id: str, principal: CurrentPrincipal, db: DB) -> schemas.PlanOut:
+    async with db.read() as session:
+        return service.plan_out(await service.load_plan(session, principal, plan_id))
+
+
+# ------------------------------------------------------- AS-02/03 menu
+
+
+@router.post(
+    "/plans/{plan_id}/courses",
+    status_code=201,
+    summary="在课程菜单中增加课程（AS-02, AS-03, AS-05）",
+    tags=["方案与课程"],
+)
+async def add_course(
+    plan_id: str,
+    data: schemas.CourseIn,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+) -> schemas.CourseOut:
+    return await service.add_course(db, policies, principal, plan_id, data)
+
+
+@router.get("/plans/{plan_id}/courses", summary="课程菜单", tags=["方案与课程"])
+async def list_courses(
+    plan_id: str, principal: CurrentPrincipal, db: DB
+) -> list[schemas.CourseOut]:
+    return await service.list_courses(db, principal, plan_id)
+
+
+@router.get("/courses/{course_id}", summary="课程（含余位）", tags=["方案与课程"])
+async def get_course(course_id: str, principal: CurrentPrincipal, db: DB) -> schemas.CourseOut:
+    return await service.get_course(db, principal, course_id)
+
+
+# ---------------------------------------------------- AS-04 enrollment
+
+
+@router.put(
+    "/plans/{plan_id}/window",
+    summary="设置报名窗口：先到先得或抽签（AS-04）",
+    tags=["报名"],
+)
+async def open_window(
+    plan_id: str,
+    data: schemas.WindowIn,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+) -> schemas.PlanOut:
+    return await service.open_window(db, policies, principal, plan_id, data)
+
+
+@router.post(
+    "/enrollments",
+    status_code=201,
+    summary="家长为自己的孩子报名课程（自愿、须带 Idempotency-Key，AS-04）",
+    tags=["报名"],
+    response_model=schemas.EnrollmentOut,
+)
+async def enroll(
+    request: Request,
+    data: schemas.EnrollIn,
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
+) -> Response:
+    if not waitlist:
+        left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
+        if left is not None and left <= 0:
+            # Sold out and no waitlist wanted: answered from a read, nothing written.
+            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+    claim = await idempotency.begin(ctx.db, request, principal)
+    if isinstance(claim, Response):
+        return claim
+
+    async def work(session: AsyncSession) -> Any:
+        return await service.enroll(session, principal, data, join_waitlist=waitlist)
+
+    return await idempotency.run(ctx.db, claim, work, status_code=201)
+
+
+@router.post(
+    "/enrollments/{enrollment_id}/withdraw",
+    summary="退课：座位递补给候补第一位或释放（AS-04）",
+    tags=["报名"],
+)
+async def withdraw(
+    enrollment_id: str, principal: CurrentPrincipal, db: DB
+) -> schemas.EnrollmentOut:
+    return await service.withdraw(db, principal, enrollment_id)
+
+
+@router.get("/students/{student_id}/enrollments", summary="学生的报名记录", tags=["报名"])
+async def student_enrollments(
+    student_id: str, principal: CurrentPrincipal, db: DB
+) -> list[schemas.EnrollmentOut]:
+    return await service.student_enrollments(db, principal, student_id)
+
+
+@router.post(
+    "/plans/{plan_id}/lottery",
+    summary="报名截止后按公布的种子抽签（AS-04）",
+    tags=["报名"],
+)
+async def draw_lottery(plan_id: str, principal: CurrentPrincipal, db: DB) -> dict[str, Any]:
+    return await service.draw_lottery(db, principal, plan_id)
+
+
+@router.get("/courses/{course_id}/lottery", summary="课程抽签的审计记录（AS-04）", tags=["报名"])
+async def lottery_record(course_id: str, principal: CurrentPrincipal, db: DB) -> dict[str, Any]:
+    return await service.lottery_record(db, principal, course_id)
+
+
+# ---------------------------------------------------- AS-06 attendance
+
+
+@router.get(
+    "/courses/{course_id}/roll-call-sheet",
+    summary="点名名单（仅该课程的任课教师）",
+    tags=["考勤与离校"],
+)
+async def roll_call_sheet(course_id: str, principal: CurrentPrincipal, db: DB) -> dict[str, Any]:
+    return await operations.roll_call_sheet(db, principal, course_id)
+
+
+@router.put(
+    "/courses/{course_id}/sessions/{day}/roll-call",
+    summary="课次点名：出勤、缺勤、请假（AS-06）",
+    tags=["考勤与离校"],
+)
+async def roll_call(
+    course_id: str,
+    day: dt.date,
+    data: schemas.RollCallIn,
+    principal: CurrentPrincipal,
+    db: DB,
+) -> list[dict[str, Any]]:
+    return await operations.roll_call(db, principal, course_id, day, data)
+
+
+@router.put(
+    "/students/{student_id}/leave-alone-consent",
+    summary="监护人同意孩子自行离校（长期有效，AS-06）",
+    tags=["考勤与离校"],
+)
+async def give_leave_consent(
+    student_id: str, principal: CurrentPrincipal, db: DB
+) -> dict[str, Any]:
+    return await operations.set_leave_consent(db, principal, student_id, given=True)
+
+
+@router.delete(
+    "/students/{student_id}/leave-alone-consent",
+    summary="撤回自行离校同意（AS-06）",
+    tags=["考勤与离校"],
+)
+async def revoke_leave_consent(
+    student_id: str, principal: CurrentPrincipal, db: DB
+) -> dict[str, Any]:
+    return await operations.set_leave_consent(db, principal, student_id, given=False)
+
+
+@router.post(
+    "/schools/{school_id}/exits",
+    status_code=201,
+    summary="离校记录：监护人接走、经同意自行离校、弹性离校（AS-06）",
+    tags=["考勤与离校"],
+)
+async def record_exit(
+    school_id: str, data: schemas.ExitIn, principal: CurrentPrincipal, db: DB
+) -> dict[str, Any]:
+    return await operations.record_exit(db, principal, school_id, data)
+
+
+# ------------------------------------------------------------ AS-05 fees
+
+
+@router.put(
+    "/schools/{school_id}/waivers",
+    summary="标记家庭经济困难学生的减免（仅学校可见，AS-05）",
+    tags=["收费"],
+)
+async def set_waiver(
+    school_id: str, data: schemas.WaiverIn, principal: CurrentPrincipal, db: DB
+) -> dict[str, Any]:
+    return await operations.set_waiver(db, principal, school_id, data)
+
+
+@router.post(
+    "/plans/{plan_id}/fees/settle",
+    summary="按月预收或按实际服务天数结算（AS-05）",
+    tags=["收费"],
+)
+async def settle_month(
+    plan_id: str, data: schemas.SettleIn, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await operations.settle_month(db, principal, plan_id, data)
+
+
+@router.post(
+    "/fee-statements/{statement_id}/payments",
+    status_code=201,
+    summary="登记缴入学校非税账户的款项（须带 Idempotency-Key，AS-05）",
+    tags=["收费"],
+)
+async def record_payment(
+    statement_id: str,
+    request: Request,
+    data: schemas.PaymentIn,
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+) -> Response:
+    claim = await idempotency.begin(ctx.db, request, principal)
+    if isinstance(claim, Response):
+        return claim
+
+    async def work(session: AsyncSession) -> Any:
+        return await operations.record_payment(session, principal, statement_id, data)
+
+    return await idempotency.run(ctx.db, claim, work, status_code=201)
+
+
+@router.get(
+    "/students/{student_id}/fee-statements",
+    summary="孩子的课后服务费账单（监护人与学校）",
+    tags=["收费"],
+)
+async def student_statements(
+    student_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await operations.student_statements(db, principal, student_id)
+
+
+# ------------------------------------------------------ AS-07 evaluation
+
+
+@router.post(
+    "/courses/{course_id}/ratings",
+    status_code=201,
+    summary="家长评价孩子参加的课程（每月一次，AS-07）",
+    tags=["评价与监管"],
+)
+async def rate_course(
+    course_id: str, data: schemas.RatingIn, principal: CurrentPrincipal, db: DB
+) -> dict[str, Any]:
+    return await operations.rate_course(db, principal, course_id, data)
+
+
+@router.post(
+    "/plans/{plan_id}/surveys",
+    status_code=201,
+    summary="学期满意度调查（AS-07）",
+    tags=["评价与监管"],
+)
+async def answer_survey(
+    plan_id: str, data: schemas.SurveyIn, principal: CurrentPrincipal, db: DB
+) -> dict[str, Any]:
+    return await operations.answer_survey(db, principal, plan_id, data)
+
+
+# ------------------------------------------------------- AS-08 oversight
+
+
+@router.get(
+    "/oversight/regions/{region_id}",
+    summary="区域课后服务监管：覆盖率、参与率、困难学生、校外占比、满意度（AS-08）",
+    tags=["评价与监管"],
+    response_model=None,
+)
+async def region_oversight(
+    region_id: str,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+    term: str = Query(min_length=1, max_length=100),
+    school_id: str | None = None,
+    format: str = Query("json", pattern="^(json|csv)$"),
+) -> Any:
+    report = await operations.region_oversight(db, policies, principal, region_id, term, school_id)
+    if format == "csv":
+        return Response(
+            operations.oversight_csv(report),
+            media_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="afterschool-{region_id}.csv"'},
+        )
+    return report

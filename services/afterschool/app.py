@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from chassis.app import ServiceSpec, create_service_app
 from chassis.roster import roster_subscription
 from services.afterschool.api import router
+from services.afterschool.consumers import institutions_subscription
 from services.afterschool.models import Base, roster
 
 SPEC = ServiceSpec(
@@ -18,7 +19,7 @@ SPEC = ServiceSpec(
     routers=[router],
     metadata=Base.metadata,
     migrations_dir=Path(__file__).resolve().parent / "migrations",
-    subscriptions=[roster_subscription(roster)],
+    subscriptions=[roster_subscription(roster), institutions_subscription()],
 )
 
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:40:46.999674
+Create Date: 2026-11-23 11:33:15.482644
 """
 
 from collections.abc import Sequence
@@ -65,6 +65,83 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index('ix_outbox_pending', ['position'], unique=False, postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
+
+    op.create_table('catalog_institutions',
+    sa.Column('institution_id', sa.String(length=36), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('category', sa.String(length=16), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('blacklisted', sa.Boolean(), nullable=False),
+    sa.Column('can_enroll', sa.Boolean(), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('occurred_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('synced_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('institution_id', name=op.f('pk_catalog_institutions'))
+    )
+    with op.batch_alter_table('catalog_institutions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_catalog_institutions_region_id'), ['region_id'], unique=False)
+
+    op.create_table('exit_records',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('left_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('mode', sa.String(length=32), nullable=False),
+    sa.Column('guardian_id', sa.String(length=36), nullable=True),
+    sa.Column('reason', sa.Text(), nullable=True),
+    sa.Column('recorded_by', sa.String(length=64), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_exit_records'))
+    )
+    with op.batch_alter_table('exit_records', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_exit_records_school_id'), ['school_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_exit_records_student_id'), ['student_id'], unique=False)
+
+    op.create_table('leave_consents',
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('guardian_id', sa.String(length=36), nullable=False),
+    sa.Column('given_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('revoked_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('student_id', name=op.f('pk_leave_consents'))
+    )
+    op.create_table('lottery_draws',
+    sa.Column('course_id', sa.String(length=36), nullable=False),
+    sa.Column('plan_id', sa.String(length=36), nullable=False),
+    sa.Column('seed', sa.String(length=128), nullable=False),
+    sa.Column('applicants', sa.JSON(), nullable=False),
+    sa.Column('order', sa.JSON(), nullable=False),
+    sa.Column('drawn_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('course_id', name=op.f('pk_lottery_draws'))
+    )
+    with op.batch_alter_table('lottery_draws', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_lottery_draws_plan_id'), ['plan_id'], unique=False)
+
+    op.create_table('plans',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('term', sa.String(length=100), nullable=False),
+    sa.Column('stage', sa.String(length=16), nullable=False),
+    sa.Column('sessions', sa.JSON(), nullable=False),
+    sa.Column('service_days', sa.JSON(), nullable=False),
+    sa.Column('service_weekdays', sa.JSON(), nullable=False),
+    sa.Column('delayed_care_student_ids', sa.JSON(), nullable=False),
+    sa.Column('fee_standard_fen', sa.Integer(), nullable=False),
+    sa.Column('fee_unit', sa.String(length=16), nullable=False),
+    sa.Column('window_opens_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('window_closes_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('window_mode', sa.String(length=16), nullable=True),
+    sa.Column('lottery_seed_hash', sa.String(length=64), nullable=True),
+    sa.Column('lottery_seed', sa.String(length=128), nullable=True),
+    sa.Column('lottery_drawn_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_plans')),
+    sa.UniqueConstraint('school_id', 'term', name=op.f('uq_plans_school_id_term'))
+    )
+    with op.batch_alter_table('plans', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_plans_region_id'), ['region_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_plans_school_id'), ['school_id'], unique=False)
 
     op.create_table('roster_classes',
     sa.Column('id', sa.String(length=36), nullable=False),
@@ -144,11 +221,206 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_roster_teachers_id_number_hash'), ['id_number_hash'], unique=False)
         batch_op.create_index(batch_op.f('ix_roster_teachers_school_id'), ['school_id'], unique=False)
 
+    op.create_table('waivers',
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('share_percent', sa.Integer(), nullable=False),
+    sa.Column('marked_by', sa.String(length=64), nullable=False),
+    sa.Column('marked_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('school_id', 'student_id', name=op.f('pk_waivers'))
+    )
+    op.create_table('courses',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('plan_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.Column('kind', sa.String(length=32), nullable=False),
+    sa.Column('weekdays', sa.JSON(), nullable=False),
+    sa.Column('start', sa.Time(), nullable=False),
+    sa.Column('end', sa.Time(), nullable=False),
+    sa.Column('capacity', sa.Integer(), nullable=False),
+    sa.Column('seats_taken', sa.Integer(), nullable=False),
+    sa.Column('waitlist_seq', sa.Integer(), nullable=False),
+    sa.Column('provider_type', sa.String(length=32), nullable=False),
+    sa.Column('provider_name', sa.String(length=200), nullable=False),
+    sa.Column('institution_id', sa.String(length=36), nullable=True),
+    sa.Column('teacher_id', sa.String(length=36), nullable=True),
+    sa.Column('fee_fen', sa.Integer(), nullable=False),
+    sa.Column('fee_unit', sa.String(length=16), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('flag_reason', sa.Text(), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['plan_id'], ['plans.id'], name=op.f('fk_courses_plan_id_plans')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_courses'))
+    )
+    with op.batch_alter_table('courses', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_courses_institution_id'), ['institution_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_courses_plan_id'), ['plan_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_courses_school_id'), ['school_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_courses_teacher_id'), ['teacher_id'], unique=False)
+
+    op.create_table('surveys',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('plan_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('guardian_id', sa.String(length=36), nullable=False),
+    sa.Column('score', sa.Integer(), nullable=False),
+    sa.Column('comment', sa.Text(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['plan_id'], ['plans.id'], name=op.f('fk_surveys_plan_id_plans')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_surveys')),
+    sa.UniqueConstraint('plan_id', 'student_id', name=op.f('uq_surveys_plan_id_student_id'))
+    )
+    with op.batch_alter_table('surveys', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_surveys_plan_id'), ['plan_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_surveys_school_id'), ['school_id'], unique=False)
+
+    op.create_table('attendance',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('course_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('recorded_by', sa.String(length=64), nullable=False),
+    sa.Column('recorded_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['course_id'], ['courses.id'], name=op.f('fk_attendance_course_id_courses')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_attendance')),
+    sa.UniqueConstraint('course_id', 'day', 'student_id', name=op.f('uq_attendance_course_id_day_student_id'))
+    )
+    with op.batch_alter_table('attendance', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_attendance_course_id'), ['course_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_attendance_school_id'), ['school_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_attendance_student_id'), ['student_id'], unique=False)
+
+    op.create_table('enrollments',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('course_id', sa.String(length=36), nullable=False),
+    sa.Column('plan_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('guardian_id', sa.String(length=36), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('waitlist_position', sa.Integer(), nullable=True),
+    sa.Column('consent_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('consent_statement', sa.Text(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('held_from', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('withdrawn_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.ForeignKeyConstraint(['course_id'], ['courses.id'], name=op.f('fk_enrollments_course_id_courses')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_enrollments'))
+    )
+    with op.batch_alter_table('enrollments', schema=None) as batch_op:
+        batch_op.create_index('ix_enrollments_course_status', ['course_id', 'status', 'waitlist_position'], unique=False)
+        batch_op.create_index(batch_op.f('ix_enrollments_plan_id'), ['plan_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_enrollments_school_id'), ['school_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_enrollments_student_id'), ['student_id'], unique=False)
+        batch_op.create_index('uq_enrollments_live', ['course_id', 'student_id'], unique=True, sqlite_where=sa.text("status IN ('applied', 'held', 'waitlisted')"), postgresql_where=sa.text("status IN ('applied', 'held', 'waitlisted')"))
+
+    op.create_table('ratings',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('course_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('guardian_id', sa.String(length=36), nullable=False),
+    sa.Column('month', sa.String(length=7), nullable=False),
+    sa.Column('score', sa.Integer(), nullable=False),
+    sa.Column('comment', sa.Text(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['course_id'], ['courses.id'], name=op.f('fk_ratings_course_id_courses')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_ratings')),
+    sa.UniqueConstraint('course_id', 'student_id', 'month', name=op.f('uq_ratings_course_id_student_id_month'))
+    )
+    with op.batch_alter_table('ratings', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_ratings_course_id'), ['course_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_ratings_school_id'), ['school_id'], unique=False)
+
+    op.create_table('fee_statements',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('enrollment_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('course_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('month', sa.String(length=7), nullable=False),
+    sa.Column('planned_sessions', sa.Integer(), nullable=False),
+    sa.Column('served_sessions', sa.Integer(), nullable=False),
+    sa.Column('gross_fen', sa.Integer(), nullable=False),
+    sa.Column('waiver_fen', sa.Integer(), nullable=False),
+    sa.Column('amount_fen', sa.Integer(), nullable=False),
+    sa.Column('paid_fen', sa.Integer(), nullable=False),
+    sa.Column('final', sa.Boolean(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['enrollment_id'], ['enrollments.id'], name=op.f('fk_fee_statements_enrollment_id_enrollments')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_fee_statements')),
+    sa.UniqueConstraint('enrollment_id', 'month', name=op.f('uq_fee_statements_enrollment_id_month'))
+    )
+    with op.batch_alter_table('fee_statements', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_fee_statements_school_id'), ['school_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_fee_statements_student_id'), ['student_id'], unique=False)
+
+    op.create_table('payments',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('statement_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('amount_fen', sa.Integer(), nullable=False),
+    sa.Column('non_tax_account_ref', sa.String(length=100), nullable=False),
+    sa.Column('recorded_by', sa.String(length=64), nullable=False),
+    sa.Column('paid_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['statement_id'], ['fee_statements.id'], name=op.f('fk_payments_statement_id_fee_statements')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_payments'))
+    )
+    with op.batch_alter_table('payments', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_payments_school_id'), ['school_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_payments_statement_id'), ['statement_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('payments', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_payments_statement_id'))
+        batch_op.drop_index(batch_op.f('ix_payments_school_id'))
+
+    op.drop_table('payments')
+    with op.batch_alter_table('fee_statements', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_fee_statements_student_id'))
+        batch_op.drop_index(batch_op.f('ix_fee_statements_school_id'))
+
+    op.drop_table('fee_statements')
+    with op.batch_alter_table('ratings', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_ratings_school_id'))
+        batch_op.drop_index(batch_op.f('ix_ratings_course_id'))
+
+    op.drop_table('ratings')
+    with op.batch_alter_table('enrollments', schema=None) as batch_op:
+        batch_op.drop_index('uq_enrollments_live', sqlite_where=sa.text("status IN ('applied', 'held', 'waitlisted')"), postgresql_where=sa.text("status IN ('applied', 'held', 'waitlisted')"))
+        batch_op.drop_index(batch_op.f('ix_enrollments_student_id'))
+        batch_op.drop_index(batch_op.f('ix_enrollments_school_id'))
+        batch_op.drop_index(batch_op.f('ix_enrollments_plan_id'))
+        batch_op.drop_index('ix_enrollments_course_status')
+
+    op.drop_table('enrollments')
+    with op.batch_alter_table('attendance', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_attendance_student_id'))
+        batch_op.drop_index(batch_op.f('ix_attendance_school_id'))
+        batch_op.drop_index(batch_op.f('ix_attendance_course_id'))
+
+    op.drop_table('attendance')
+    with op.batch_alter_table('surveys', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_surveys_school_id'))
+        batch_op.drop_index(batch_op.f('ix_surveys_plan_id'))
+
+    op.drop_table('surveys')
+    with op.batch_alter_table('courses', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_courses_teacher_id'))
+        batch_op.drop_index(batch_op.f('ix_courses_school_id'))
+        batch_op.drop_index(batch_op.f('ix_courses_plan_id'))
+        batch_op.drop_index(batch_op.f('ix_courses_institution_id'))
+
+    op.drop_table('courses')
+    op.drop_table('waivers')
     with op.batch_alter_table('roster_teachers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_roster_teachers_school_id'))
         batch_op.drop_index(batch_op.f('ix_roster_teachers_id_number_hash'))
@@ -173,6 +445,25 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_roster_classes_school_id'))
 
     op.drop_table('roster_classes')
+    with op.batch_alter_table('plans', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_plans_school_id'))
+        batch_op.drop_index(batch_op.f('ix_plans_region_id'))
+
+    op.drop_table('plans')
+    with op.batch_alter_table('lottery_draws', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_lottery_draws_plan_id'))
+
+    op.drop_table('lottery_draws')
+    op.drop_table('leave_consents')
+    with op.batch_alter_table('exit_records', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_exit_records_student_id'))
+        batch_op.drop_index(batch_op.f('ix_exit_records_school_id'))
+
+    op.drop_table('exit_records')
+    with op.batch_alter_table('catalog_institutions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_catalog_institutions_region_id'))
+
+    op.drop_table('catalog_institutions')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_outbox_pending', postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
 

@@ -1,0 +1,102 @@
+"""Events afterschool listens to besides the roster: institutions' licence and
+black-list transitions keep the bureau's catalog (校外机构目录库) current (AS-03)."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis.db import utcnow
+from chassis.messaging import Subscription, emit
+from contracts import afterschool as ev
+from contracts import institutions as inst
+from contracts.base import Envelope
+from services.afterschool.models import ACTIVE_STATUSES, CatalogInstitution, Course, Enrollment
+
+FACT_EVENTS = (
+    inst.LicenceReviewStarted,
+    inst.LicenceGranted,
+    inst.LicenceRejected,
+    inst.LicenceSuspended,
+    inst.LicenceReinstated,
+    inst.LicenceRevoked,
+    inst.LicenceTransformed,
+    inst.LicenceTerminated,
+    inst.Blacklisted,
+    inst.Delisted,
+)
+
+
+async def apply_institution_facts(session: AsyncSession, facts: inst.InstitutionFacts) -> None:
+    """Upsert the catalog entry (ignoring facts older than what we hold, so an
+    out-of-order redelivery cannot resurrect a revoked institution); when the
+    institution may no longer enroll, flag its courses and tell their parents."""
+    entry = await session.get(CatalogInstitution, facts.institution_id, with_for_update=True)
+    if entry is not None and entry.occurred_at > facts.occurred_at:
+        return
+    if entry is None:
+        entry = CatalogInstitution(institution_id=facts.institution_id)
+        session.add(entry)
+    entry.name = facts.name
+    entry.region_id = facts.region_id
+    entry.category = facts.category
+    entry.status = facts.status
+    entry.blacklisted = facts.blacklisted
+    entry.can_enroll = facts.can_enroll
+    entry.reason = facts.reason
+    entry.occurred_at = facts.occurred_at
+    entry.synced_at = utcnow()
+    if facts.can_enroll and not facts.blacklisted:
+        return
+    courses = (
+        await session.execute(
+            select(Course).where(
+                Course.institution_id == facts.institution_id, Course.status == "active"
+            )
+        )
+    ).scalars()
+    reason = f"提供机构{facts.name}已{_status_zh(facts)}，移出校外机构目录库：{facts.reason}"
+    for course in list(courses):
+        course.status = "flagged"
+        course.flag_reason = reason
+        students = (
+            await session.execute(
+                select(Enrollment.student_id).where(
+                    Enrollment.course_id == course.id, Enrollment.status.in_(ACTIVE_STATUSES)
+                )
+            )
+        ).scalars()
+        await emit(
+            session,
+            ev.CourseFlagged(
+                id=course.id,
+                school_id=course.school_id,
+                institution_id=facts.institution_id,
+                reason=reason,
+                affected_student_ids=sorted(students),
+            ),
+        )
+
+
+def _status_zh(facts: inst.InstitutionFacts) -> str:
+    if facts.blacklisted:
+        return "列入黑名单"
+    return {
+        "suspended": "暂停办学",
+        "revoked": "被吊销办学许可",
+        "terminated": "终止办学",
+        "rejected": "未获许可",
+    }.get(facts.status, "暂停招生")
+
+
+def institutions_subscription() -> Subscription:
+    async def handle(session: AsyncSession, envelope: Envelope) -> None:
+        facts = envelope.parse()
+        assert isinstance(facts, inst.InstitutionFacts)
+        await apply_institution_facts(session, facts)
+
+    return Subscription(
+        name="institutions-catalog",
+        producer="institutions",
+        handlers={event.TYPE: handle for event in FACT_EVENTS},
+    )
