@@ -89,7 +89,11 @@ class ClassDayUsage(Base):
     """
 
     __tablename__ = "class_day_usage"
-    __table_args__ = (Index("ix_class_day_usage_school_day", "school_id", "day"),)
+    # Covering (school, day, class, used): HW-08 reads the district's class-days
+    # from the index alone.
+    __table_args__ = (
+        Index("ix_class_day_usage_school_day", "school_id", "day", "class_id", "used"),
+    )
 
     class_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     day: Mapped[dt.date] = mapped_column(Date, primary_key=True)

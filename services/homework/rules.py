@@ -37,6 +37,7 @@ __all__ = [
     "daily_loads",
     "day_rule",
     "estimate_gap",
+    "histogram_stats",
     "is_homework_school_day",
     "limit_exceeded",
     "local_date",
@@ -391,6 +392,41 @@ def nearest_rank(values: Sequence[float], percentile: int) -> float:
     ordered = sorted(values)
     rank = -(-percentile * len(ordered) // 100)  # ceil
     return float(ordered[rank - 1])
+
+
+@dataclass(frozen=True)
+class HistogramStats:
+    """Count, mean and nearest-rank percentile of values given as a histogram."""
+
+    count: int
+    mean: float | None
+    percentile: float | None
+
+
+def histogram_stats(
+    buckets: Iterable[tuple[float, int, float]], percentile: int = 90
+) -> HistogramStats:
+    """HW-08 statistics from ``(value, count, sum)`` buckets (SQL ``GROUP BY value``).
+
+    The mean is exact (``sum`` of the original values over their count); the
+    percentile is the nearest-rank one (as ``nearest_rank``) over the bucket
+    values, so the database ships one row per distinct value, not one per
+    class-day.
+    """
+    if not 0 < percentile <= 100:
+        raise ValueError("percentile must be in (0, 100]")
+    ordered = sorted((float(v), int(n), float(s)) for v, n, s in buckets if n > 0)
+    total = sum(n for _, n, _ in ordered)
+    if total == 0:
+        return HistogramStats(0, None, None)
+    rank = -(-percentile * total // 100)  # ceil
+    seen, value_at_rank = 0, ordered[-1][0]
+    for value, n, _ in ordered:
+        seen += n
+        if seen >= rank:
+            value_at_rank = value
+            break
+    return HistogramStats(total, sum(s for _, _, s in ordered) / total, value_at_rank)
 
 
 def school_days_window(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import structlog
-from sqlalchemy import Table, and_, case, delete, func, or_, select, update
+from sqlalchemy import Numeric, Table, and_, case, cast, delete, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -95,15 +95,10 @@ class ClassFacts:
         )
 
     def teaches(self, teacher_id: str | None, subject: str) -> bool:
-        """A subject teacher for their subject; the head teacher for the class's subjects
-        (any subject while the class has no subject teachers yet)."""
-        if teacher_id is None:
-            return False
-        if (teacher_id, subject) in self.subject_teachers:
-            return True
-        if teacher_id == self.head_teacher_id:
-            return not self.subject_teachers or subject in self.subjects
-        return False
+        """Teachers publish only for the subjects they teach in the class; the
+        head teacher too (they coordinate with quotas, edit and withdraw, but
+        do not publish other teachers' subjects)."""
+        return teacher_id is not None and (teacher_id, subject) in self.subject_teachers
 
 
 async def class_facts(session: AsyncSession, class_id: str) -> ClassFacts | None:
@@ -621,9 +616,7 @@ async def publish(
         if facts is None or not teacher_of(principal, facts):
             raise not_found("班级不存在。")
         if not facts.teaches(teacher_id, data.subject):
-            raise Problem(
-                403, f"您不是本班「{data.subject}」的任课教师或班主任，不能发布该学科作业。"
-            )
+            raise Problem(403, f"您不是本班「{data.subject}」的任课教师，不能发布该学科作业。")
         await _check_targets(session, facts, data.target_student_ids)
         declared = await declared_reason(session, facts.school_id, data.date)
         calendar = await calendar_for(session, ctx, facts.region_id, facts.profile_id)
@@ -735,7 +728,7 @@ async def edit(
             acknowledged=list(changes.get("acknowledged_warnings", a.acknowledged_warnings)),
         )
         if draft.subject != a.subject and not facts.teaches(principal.person_id, draft.subject):
-            raise Problem(403, f"您不是本班「{draft.subject}」的任课教师或班主任。")
+            raise Problem(403, f"您不是本班「{draft.subject}」的任课教师，不能改为该学科。")
         try:
             schemas.check_targets(draft.layer, draft.target_student_ids)
         except ValueError as exc:
@@ -1602,24 +1595,15 @@ async def oversight_scope(
     return found
 
 
-def _stats(per_class_day: Any) -> Any:
-    """Count, mean and nearest-rank 90th percentile per (school, grade), in SQL
-    (window functions work alike on SQLite and PostgreSQL)."""
+def _histogram(per_class_day: Any) -> Any:
+    """``(school, grade, minutes, class-days, sum)`` buckets of class-day loads
+    (HW-08): one row per distinct value instead of one per class-day; the
+    statistics are taken in ``rules.histogram_stats``."""
     d = per_class_day.subquery()
-    ranked = select(
-        d.c.school_id,
-        d.c.grade,
-        d.c.m,
-        func.row_number().over(partition_by=(d.c.school_id, d.c.grade), order_by=d.c.m).label("rn"),
-        func.count().over(partition_by=(d.c.school_id, d.c.grade)).label("n"),
-    ).subquery()
-    return select(
-        ranked.c.school_id,
-        ranked.c.grade,
-        func.max(ranked.c.n),
-        func.avg(ranked.c.m),
-        func.max(case((ranked.c.rn == (ranked.c.n * 9 + 9) // 10, ranked.c.m))),
-    ).group_by(ranked.c.school_id, ranked.c.grade)
+    value = func.round(cast(d.c.m, Numeric(12, 3)), 1)
+    return select(d.c.school_id, d.c.grade, value, func.count(), func.sum(d.c.m)).group_by(
+        d.c.school_id, d.c.grade, value
+    )
 
 
 def _f(value: Any) -> float | None:
@@ -1660,8 +1644,9 @@ async def oversight_report(
         ):
             refusals[sid][rule] = int(count)
         c = roster.classes
+        # Estimated: the class-day counters (covering index, no table reads).
         estimated = await session.execute(
-            _stats(
+            _histogram(
                 select(CLASS_USAGE.c.school_id, c.c.grade, CLASS_USAGE.c.used.label("m"))
                 .join(c, c.c.id == CLASS_USAGE.c.class_id)
                 .where(
@@ -1672,16 +1657,19 @@ async def oversight_report(
                 )
             )
         )
-        per_assignment = (
+        # Reported: on class-days with at least one report, each reported
+        # assignment counts its mean report instead of its estimate; the others
+        # keep their estimates, whose sum is the class-day counter. So the load
+        # is ``used + sum(mean report - estimate)`` over the reported ones.
+        reported_assignments = (
             select(
                 Assignment.school_id,
                 Assignment.grade,
                 Assignment.class_id,
                 Assignment.day,
-                func.coalesce(func.avg(TimeReport.minutes), Assignment.counted_minutes).label("m"),
-                func.count(TimeReport.id).label("reports"),
+                (func.avg(TimeReport.minutes) - Assignment.counted_minutes).label("delta"),
             )
-            .outerjoin(TimeReport, TimeReport.assignment_id == Assignment.id)
+            .join(TimeReport, TimeReport.assignment_id == Assignment.id)
             .where(
                 Assignment.school_id.in_(ids),
                 Assignment.day >= date_from,
@@ -1699,28 +1687,39 @@ async def oversight_report(
             )
             .subquery()
         )
+        r = reported_assignments
+        reported_days = (
+            select(r.c.school_id, r.c.grade, r.c.class_id, r.c.day, func.sum(r.c.delta).label("d"))
+            .group_by(r.c.school_id, r.c.grade, r.c.class_id, r.c.day)
+            .subquery()
+        )
         reported = await session.execute(
-            _stats(
+            _histogram(
                 select(
-                    per_assignment.c.school_id,
-                    per_assignment.c.grade,
-                    func.sum(per_assignment.c.m).label("m"),
+                    reported_days.c.school_id,
+                    reported_days.c.grade,
+                    (CLASS_USAGE.c.used + reported_days.c.d).label("m"),
+                ).join(
+                    CLASS_USAGE,
+                    and_(
+                        CLASS_USAGE.c.class_id == reported_days.c.class_id,
+                        CLASS_USAGE.c.day == reported_days.c.day,
+                    ),
                 )
-                .group_by(
-                    per_assignment.c.school_id,
-                    per_assignment.c.grade,
-                    per_assignment.c.class_id,
-                    per_assignment.c.day,
-                )
-                .having(func.sum(per_assignment.c.reports) > 0)
             )
         )
+        buckets: dict[tuple[str, str, int], list[tuple[float, int, float]]] = defaultdict(list)
+        for label, result in (("estimated", estimated), ("reported", reported)):
+            for sid, grade, value, n, total in result:
+                buckets[(label, sid, int(grade))].append((float(value), int(n), float(total)))
         grades: dict[str, dict[int, dict[str, schemas.MinutesStats]]] = defaultdict(dict)
         empty = schemas.MinutesStats(class_days=0, avg=None, p90=None)
-        for label, result in (("estimated", estimated), ("reported", reported)):
-            for sid, grade, n, avg, p90 in result:
-                entry = grades[sid].setdefault(grade, {"estimated": empty, "reported": empty})
-                entry[label] = schemas.MinutesStats(class_days=int(n), avg=_f(avg), p90=_f(p90))
+        for (label, sid, grade), values in buckets.items():
+            stats = rules.histogram_stats(values, 90)
+            entry = grades[sid].setdefault(grade, {"estimated": empty, "reported": empty})
+            entry[label] = schemas.MinutesStats(
+                class_days=stats.count, avg=_f(stats.mean), p90=_f(stats.percentile)
+            )
         alerts: dict[str, dict[str, int]] = defaultdict(dict)
         for sid, status, count in await session.execute(
             select(BurdenAlert.school_id, BurdenAlert.status, func.count())

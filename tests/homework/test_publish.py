@@ -194,6 +194,36 @@ async def test_hw02_over_the_daily_limit_is_refused_with_limit_and_used(world: W
     assert ok.json()["usage"]["remaining"] == 0
 
 
+async def test_hw02_grade6_is_junior_high_in_a_5_4_school(world: World):
+    """环翠 (5-4): grade 6 is junior high, 90 minutes; in a 6-3 school grade 6
+    is still primary, 60 minutes (the grade band follows the school's system)."""
+    await world.roster.region("weihai-huancui")
+    await world.roster.school("W1", "weihai-huancui", "5-4", "nine_year")
+    await world.roster.teacher("TW", "W1")
+    await world.roster.klass("W6", "W1", 6, None, [("TW", "math")])
+    await world.roster.teacher("TS", "S1")
+    await world.roster.klass("S6", "S1", 6, None, [("TS", "math")])
+    junior = await world.publish("W6", world.teacher("TW", school="W1"), estimated_minutes=80)
+    usage = junior.json()["usage"]
+    assert (usage["rule"], usage["limit"], usage["used"], usage["remaining"]) == (
+        "HW-02",
+        90,
+        80,
+        10,
+    )
+    over = await world.publish(
+        "W6", world.teacher("TW", school="W1"), expect=422, estimated_minutes=15
+    )
+    assert (over.json()["rule"], over.json()["limit"], over.json()["used"]) == ("HW-02", 90, 80)
+    primary = await world.publish("S6", world.teacher("TS"), expect=422, estimated_minutes=80)
+    assert (primary.json()["rule"], primary.json()["limit"], primary.json()["used"]) == (
+        "HW-02",
+        60,
+        0,
+    )
+    await world.publish("S6", world.teacher("TS"), estimated_minutes=60)
+
+
 async def test_hw02_optional_reading_and_in_school_work_do_not_count(world: World):
     await world.publish("C1", world.teacher("TM"), estimated_minutes=60)
     for fields in (
@@ -446,10 +476,11 @@ async def test_hw01_teachers_publish_only_for_classes_and_subjects_they_teach(wo
     await world.publish("C1", {"Authorization": f"Bearer {other_school}"}, expect=404)
     await world.publish("C1", world.parent("G1"), expect=404)
     await world.publish("C1", world.school_admin(), expect=404)
-    # The head teacher may publish for the class's subjects.
+    # The head teacher publishes only the subjects they teach in the class.
     await world.publish(
-        "C1", world.teacher("HT", head=True), subject="english", estimated_minutes=5
+        "C1", world.teacher("HT", head=True), subject="chinese", estimated_minutes=5
     )
+    await world.publish("C1", world.teacher("HT", head=True), expect=403, subject="english")
     await world.publish("C1", world.teacher("HT", head=True), expect=403, subject="physics")
     # Only the publisher or the head teacher edits; others get 404.
     a = (await world.publish("C1", world.teacher("TM"))).json()["assignment"]

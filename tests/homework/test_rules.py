@@ -294,3 +294,18 @@ def test_hw08_nearest_rank_percentile() -> None:
     assert rules.nearest_rank(list(range(1, 11)), 90) == 9
     assert rules.nearest_rank([5], 90) == 5
     assert rules.nearest_rank([10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110], 90) == 100
+
+
+def test_hw08_histogram_stats_match_the_plain_statistics() -> None:
+    values = [10, 20, 20, 30, 45, 45, 45, 50, 55, 60, 60, 90]
+    buckets: dict[float, tuple[int, float]] = {}
+    for v in values:
+        n, total = buckets.get(v, (0, 0.0))
+        buckets[v] = (n + 1, total + v)
+    stats = rules.histogram_stats([(v, n, s) for v, (n, s) in buckets.items()], 90)
+    assert stats.count == len(values)
+    assert stats.mean == sum(values) / len(values)
+    assert stats.percentile == rules.nearest_rank(values, 90) == 60
+    # Buckets of rounded values keep the exact mean (sums of the originals).
+    assert rules.histogram_stats([(32.5, 2, 65.1)], 90).mean == 32.55
+    assert rules.histogram_stats([], 90) == rules.HistogramStats(0, None, None)

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 11:24:19.733195
+Create Date: 2026-11-23 11:40:33.733917
 """
 
 from collections.abc import Sequence
@@ -132,7 +132,7 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('class_id', 'day', name=op.f('pk_class_day_usage'))
     )
     with op.batch_alter_table('class_day_usage', schema=None) as batch_op:
-        batch_op.create_index('ix_class_day_usage_school_day', ['school_id', 'day'], unique=False)
+        batch_op.create_index('ix_class_day_usage_school_day', ['school_id', 'day', 'class_id', 'used'], unique=False)
 
     op.create_table('no_written_homework_days',
     sa.Column('school_id', sa.String(length=36), nullable=False),
