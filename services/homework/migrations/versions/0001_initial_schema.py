@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 10:27:13.199384
+Create Date: 2026-11-23 11:40:33.733917
 """
 
 from collections.abc import Sequence
@@ -32,6 +32,18 @@ def upgrade() -> None:
     sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_dead_letters'))
     )
+    op.create_table('idempotency_keys',
+    sa.Column('client', sa.String(length=128), nullable=False),
+    sa.Column('key', sa.String(length=255), nullable=False),
+    sa.Column('fingerprint', sa.String(length=64), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('response_status', sa.Integer(), nullable=True),
+    sa.Column('response_body', sa.LargeBinary(), nullable=True),
+    sa.Column('content_type', sa.String(length=100), nullable=True),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('completed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('client', 'key', name=op.f('pk_idempotency_keys'))
+    )
     op.create_table('inbox',
     sa.Column('consumer', sa.String(length=80), nullable=False),
     sa.Column('event_id', sa.String(length=36), nullable=False),
@@ -53,6 +65,104 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.create_index('ix_outbox_pending', ['position'], unique=False, postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
+
+    op.create_table('assignments',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('grade', sa.Integer(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('subject', sa.String(length=32), nullable=False),
+    sa.Column('content', sa.Text(), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('layer', sa.String(length=16), nullable=False),
+    sa.Column('location', sa.String(length=16), nullable=False),
+    sa.Column('estimated_minutes', sa.Integer(), nullable=False),
+    sa.Column('counted_minutes', sa.Integer(), nullable=False),
+    sa.Column('teacher_id', sa.String(length=36), nullable=False),
+    sa.Column('target_student_ids', sa.JSON(), nullable=False),
+    sa.Column('acknowledged_warnings', sa.JSON(), nullable=False),
+    sa.Column('warning_count', sa.Integer(), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('withdrawn_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_assignments'))
+    )
+    with op.batch_alter_table('assignments', schema=None) as batch_op:
+        batch_op.create_index('ix_assignments_class_day', ['class_id', 'day'], unique=False)
+        batch_op.create_index('ix_assignments_school_day', ['school_id', 'day'], unique=False)
+        batch_op.create_index(batch_op.f('ix_assignments_teacher_id'), ['teacher_id'], unique=False)
+
+    op.create_table('burden_alerts',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=False),
+    sa.Column('grade', sa.Integer(), nullable=False),
+    sa.Column('status', sa.String(length=8), nullable=False),
+    sa.Column('limit_minutes', sa.Integer(), nullable=False),
+    sa.Column('opened_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('open_median_minutes', sa.Float(), nullable=False),
+    sa.Column('open_window_start', sa.Date(), nullable=False),
+    sa.Column('open_window_end', sa.Date(), nullable=False),
+    sa.Column('closed_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('close_median_minutes', sa.Float(), nullable=True),
+    sa.Column('close_window_start', sa.Date(), nullable=True),
+    sa.Column('close_window_end', sa.Date(), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_burden_alerts'))
+    )
+    with op.batch_alter_table('burden_alerts', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_burden_alerts_class_id'), ['class_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_burden_alerts_region_id'), ['region_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_burden_alerts_school_id'), ['school_id'], unique=False)
+
+    op.create_table('burden_states',
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('open_alert_id', sa.String(length=36), nullable=True),
+    sa.Column('evaluated_at', chassis.db.UTCDateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('class_id', name=op.f('pk_burden_states'))
+    )
+    op.create_table('class_day_usage',
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('used', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('class_id', 'day', name=op.f('pk_class_day_usage'))
+    )
+    with op.batch_alter_table('class_day_usage', schema=None) as batch_op:
+        batch_op.create_index('ix_class_day_usage_school_day', ['school_id', 'day', 'class_id', 'used'], unique=False)
+
+    op.create_table('no_written_homework_days',
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('reason', sa.String(length=200), nullable=False),
+    sa.Column('declared_by', sa.String(length=64), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('school_id', 'day', name=op.f('pk_no_written_homework_days'))
+    )
+    op.create_table('refusals',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('action', sa.String(length=16), nullable=False),
+    sa.Column('rule', sa.String(length=8), nullable=False),
+    sa.Column('region_id', sa.String(length=64), nullable=True),
+    sa.Column('school_id', sa.String(length=36), nullable=False),
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('grade', sa.Integer(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('teacher_id', sa.String(length=64), nullable=True),
+    sa.Column('subject', sa.String(length=32), nullable=True),
+    sa.Column('minutes', sa.Integer(), nullable=True),
+    sa.Column('limit_minutes', sa.Integer(), nullable=True),
+    sa.Column('used_minutes', sa.Integer(), nullable=True),
+    sa.Column('detail', sa.Text(), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_refusals'))
+    )
+    with op.batch_alter_table('refusals', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_refusals_rule'), ['rule'], unique=False)
+        batch_op.create_index('ix_refusals_school_day', ['school_id', 'day'], unique=False)
 
     op.create_table('roster_classes',
     sa.Column('id', sa.String(length=36), nullable=False),
@@ -132,11 +242,72 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_roster_teachers_id_number_hash'), ['id_number_hash'], unique=False)
         batch_op.create_index(batch_op.f('ix_roster_teachers_school_id'), ['school_id'], unique=False)
 
+    op.create_table('subject_day_usage',
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('subject', sa.String(length=32), nullable=False),
+    sa.Column('used', sa.Integer(), nullable=False),
+    sa.PrimaryKeyConstraint('class_id', 'day', 'subject', name=op.f('pk_subject_day_usage'))
+    )
+    op.create_table('subject_quotas',
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('subject', sa.String(length=32), nullable=False),
+    sa.Column('minutes', sa.Integer(), nullable=False),
+    sa.Column('set_by', sa.String(length=36), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('class_id', 'subject', name=op.f('pk_subject_quotas'))
+    )
+    op.create_table('assignment_revisions',
+    sa.Column('id', sa.Integer(), autoincrement=True, nullable=False),
+    sa.Column('assignment_id', sa.String(length=36), nullable=False),
+    sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('action', sa.String(length=16), nullable=False),
+    sa.Column('actor_id', sa.String(length=64), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=True),
+    sa.Column('snapshot', sa.JSON(), nullable=False),
+    sa.Column('at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['assignment_id'], ['assignments.id'], name=op.f('fk_assignment_revisions_assignment_id_assignments')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_assignment_revisions')),
+    sa.UniqueConstraint('assignment_id', 'version', name=op.f('uq_assignment_revisions_assignment_id_version'))
+    )
+    with op.batch_alter_table('assignment_revisions', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_assignment_revisions_assignment_id'), ['assignment_id'], unique=False)
+
+    op.create_table('time_reports',
+    sa.Column('id', sa.String(length=36), nullable=False),
+    sa.Column('assignment_id', sa.String(length=36), nullable=False),
+    sa.Column('class_id', sa.String(length=36), nullable=False),
+    sa.Column('student_id', sa.String(length=36), nullable=False),
+    sa.Column('minutes', sa.Integer(), nullable=False),
+    sa.Column('reporter_id', sa.String(length=64), nullable=False),
+    sa.Column('reporter_role', sa.String(length=16), nullable=False),
+    sa.Column('reported_on', sa.Date(), nullable=False),
+    sa.Column('created_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', chassis.db.UTCDateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['assignment_id'], ['assignments.id'], name=op.f('fk_time_reports_assignment_id_assignments')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_time_reports')),
+    sa.UniqueConstraint('assignment_id', 'student_id', name=op.f('uq_time_reports_assignment_id_student_id'))
+    )
+    with op.batch_alter_table('time_reports', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_time_reports_assignment_id'), ['assignment_id'], unique=False)
+        batch_op.create_index(batch_op.f('ix_time_reports_class_id'), ['class_id'], unique=False)
+
     # ### end Alembic commands ###
 
 
 def downgrade() -> None:
     # ### commands auto generated by Alembic - please adjust! ###
+    with op.batch_alter_table('time_reports', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_time_reports_class_id'))
+        batch_op.drop_index(batch_op.f('ix_time_reports_assignment_id'))
+
+    op.drop_table('time_reports')
+    with op.batch_alter_table('assignment_revisions', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_assignment_revisions_assignment_id'))
+
+    op.drop_table('assignment_revisions')
+    op.drop_table('subject_quotas')
+    op.drop_table('subject_day_usage')
     with op.batch_alter_table('roster_teachers', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_roster_teachers_school_id'))
         batch_op.drop_index(batch_op.f('ix_roster_teachers_id_number_hash'))
@@ -161,10 +332,34 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_roster_classes_school_id'))
 
     op.drop_table('roster_classes')
+    with op.batch_alter_table('refusals', schema=None) as batch_op:
+        batch_op.drop_index('ix_refusals_school_day')
+        batch_op.drop_index(batch_op.f('ix_refusals_rule'))
+
+    op.drop_table('refusals')
+    op.drop_table('no_written_homework_days')
+    with op.batch_alter_table('class_day_usage', schema=None) as batch_op:
+        batch_op.drop_index('ix_class_day_usage_school_day')
+
+    op.drop_table('class_day_usage')
+    op.drop_table('burden_states')
+    with op.batch_alter_table('burden_alerts', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_burden_alerts_school_id'))
+        batch_op.drop_index(batch_op.f('ix_burden_alerts_region_id'))
+        batch_op.drop_index(batch_op.f('ix_burden_alerts_class_id'))
+
+    op.drop_table('burden_alerts')
+    with op.batch_alter_table('assignments', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_assignments_teacher_id'))
+        batch_op.drop_index('ix_assignments_school_day')
+        batch_op.drop_index('ix_assignments_class_day')
+
+    op.drop_table('assignments')
     with op.batch_alter_table('outbox', schema=None) as batch_op:
         batch_op.drop_index('ix_outbox_pending', postgresql_where=sa.text('published_at IS NULL'), sqlite_where=sa.text('published_at IS NULL'))
 
     op.drop_table('outbox')
     op.drop_table('inbox')
+    op.drop_table('idempotency_keys')
     op.drop_table('dead_letters')
     # ### end Alembic commands ###

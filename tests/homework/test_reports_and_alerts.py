@@ -1,0 +1,222 @@
+"""HW-06: actual-time reports, actual vs estimated, and the burden alert seen
+through a real NATS JetStream consumer."""
+
+from __future__ import annotations
+
+import datetime as D
+import json
+
+import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from services.homework import rules
+from tests.homework.conftest import World
+from tests.support import eventually
+
+pytestmark = pytest.mark.asyncio
+
+TODAY = D.date(2026, 11, 20)  # a Friday in jinhua's autumn term (demo terms)
+WINDOW = (
+    D.date(2026, 11, 12),
+    D.date(2026, 11, 13),
+    D.date(2026, 11, 16),
+    D.date(2026, 11, 17),
+    D.date(2026, 11, 18),
+    D.date(2026, 11, 19),
+    D.date(2026, 11, 20),
+)
+
+
+async def report(world: World, assignment_id: str, student: str, minutes: int, headers: dict):
+    return await world.client.put(
+        f"/assignments/{assignment_id}/reports/{student}",
+        json={"minutes": minutes},
+        headers=headers,
+    )
+
+
+async def test_hw06_one_report_per_student_editable_only_the_same_day(world: World, fixed_today):
+    fixed_today(TODAY)
+    a = (await world.publish("C1", world.teacher("TM"), date=TODAY, estimated_minutes=30)).json()
+    aid = a["assignment"]["id"]
+    first = await report(world, aid, "P1", 40, world.student("P1"))
+    assert first.status_code == 200, first.text
+    assert (first.json()["minutes"], first.json()["reported_on"]) == (40, TODAY.isoformat())
+    # The guardian edits the same report the same day.
+    again = await report(world, aid, "P1", 45, world.parent("G1"))
+    assert again.status_code == 200 and again.json()["minutes"] == 45
+    assert again.json()["created_at"] == first.json()["created_at"]
+    fixed_today(TODAY + D.timedelta(days=1))
+    late = await report(world, aid, "P1", 50, world.parent("G1"))
+    assert late.status_code == 409 and late.json()["reported_on"] == TODAY.isoformat()
+    # A first report can still come the next day.
+    assert (await report(world, aid, "P2", 35, world.parent("G2"))).status_code == 200
+
+
+async def test_hw06_only_the_student_or_their_guardian_reports(world: World, fixed_today):
+    fixed_today(TODAY)
+    aid = (await world.publish("C1", world.teacher("TM"), date=TODAY)).json()["assignment"]["id"]
+    assert (await report(world, aid, "P2", 20, world.parent("G1"))).status_code == 404
+    assert (await report(world, aid, "P2", 20, world.student("P1"))).status_code == 404
+    assert (await report(world, aid, "Q1", 20, world.parent("GQ"))).status_code == 404  # C2
+    assert (await report(world, aid, "P1", 20, world.teacher("TM"))).status_code == 404
+    assert (await report(world, "missing", "P1", 20, world.parent("G1"))).status_code == 404
+    bad = await report(world, aid, "P1", -5, world.parent("G1"))
+    assert bad.status_code == 422 and bad.json()["errors"]
+    future = (
+        await world.publish("C1", world.teacher("TM"), date=TODAY + D.timedelta(days=3))
+    ).json()["assignment"]["id"]
+    assert (await report(world, future, "P1", 20, world.parent("G1"))).status_code == 422
+    personal = (
+        await world.publish(
+            "C1", world.teacher("TM"), date=TODAY, layer="personalized", target_student_ids=["P1"]
+        )
+    ).json()["assignment"]["id"]
+    assert (await report(world, personal, "P2", 20, world.parent("G2"))).status_code == 404
+    assert (await report(world, personal, "P1", 20, world.parent("G1"))).status_code == 200
+
+
+async def test_hw06_actual_vs_estimated_per_class_subject_and_teacher(world: World, fixed_today):
+    fixed_today(TODAY)
+    math = (await world.publish("C1", world.teacher("TM"), date=TODAY, estimated_minutes=20)).json()
+    eng = (
+        await world.publish(
+            "C1", world.teacher("TE"), date=TODAY, subject="english", estimated_minutes=10
+        )
+    ).json()
+    for student, guardian, m_math, m_eng in (("P1", "G1", 30, 10), ("P2", "G2", 50, 20)):
+        await report(world, math["assignment"]["id"], student, m_math, world.parent(guardian))
+        await report(world, eng["assignment"]["id"], student, m_eng, world.parent(guardian))
+    r = await world.client.get(
+        "/classes/C1/actual-vs-estimated",
+        params={"from": TODAY.isoformat(), "to": TODAY.isoformat()},
+        headers=world.teacher("HT", head=True),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["overall"]["reports"] == 4 and body["overall"]["ratio"] == round(110 / 60, 3)
+    by_subject = {row["subject"]: row for row in body["by_subject"]}
+    assert by_subject["math"]["actual_minutes_avg"] == 40.0
+    assert by_subject["math"]["estimated_minutes_avg"] == 20.0
+    assert by_subject["math"]["ratio"] == 2.0
+    by_teacher = {row["teacher_id"]: row for row in body["by_teacher"]}
+    assert by_teacher["TE"]["ratio"] == 1.5
+    # Families do not see the comparison.
+    denied = await world.client.get("/classes/C1/actual-vs-estimated", headers=world.parent("G1"))
+    assert denied.status_code == 404
+
+
+async def test_hw06_burden_alert_opens_once_and_closes_through_nats(
+    world: World, fixed_today, nats_server
+):
+    fixed_today(TODAY)
+    ids = []
+    for day in WINDOW:
+        r = await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=50)
+        ids.append(r.json()["assignment"]["id"])
+    parent1 = world.parent("G1")
+
+    async def alerts(status: str | None = None) -> list[dict]:
+        params = {"status": status} if status else {}
+        r = await world.client.get("/oversight/alerts", params=params, headers=world.bureau())
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    for aid in ids[:3]:
+        assert (await report(world, aid, "P1", 90, parent1)).status_code == 200
+    assert await alerts() == []  # 3 of 7 school days over: median is 50
+    assert (await report(world, ids[3], "P1", 90, parent1)).status_code == 200
+    opened = await alerts("open")
+    assert len(opened) == 1
+    alert = opened[0]
+    assert (alert["class_id"], alert["limit_minutes"], alert["open_median_minutes"]) == (
+        "C1",
+        60,
+        90.0,
+    )
+    assert (alert["open_window_start"], alert["open_window_end"]) == ("2026-11-12", "2026-11-20")
+    # More reports while open: no second alert.
+    assert (await report(world, ids[0], "P2", 95, world.parent("G2"))).status_code == 200
+    assert len(await alerts()) == 1
+    # The same-day correction brings the median back under the limit: closed.
+    assert (await report(world, ids[3], "P1", 30, parent1)).status_code == 200
+    closed = await alerts("closed")
+    assert len(closed) == 1 and closed[0]["close_median_minutes"] == 50.0
+    assert await alerts("open") == []
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        seen: list[dict] = []
+
+        async def both_events() -> bool:
+            try:
+                await js.add_consumer(
+                    "HOMEWORK",
+                    ConsumerConfig(
+                        durable_name="test-burden",
+                        deliver_policy=DeliverPolicy.ALL,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        filter_subject="homework.burden.>",
+                    ),
+                )
+                psub = await js.pull_subscribe_bind(durable="test-burden", stream="HOMEWORK")
+                msgs = await psub.fetch(10, timeout=1)
+            except (nats.errors.TimeoutError, nats.js.errors.NotFoundError):
+                return False
+            for msg in msgs:
+                seen.append(json.loads(msg.data))
+                await msg.ack()
+            return len(seen) >= 2
+
+        await eventually(both_events, timeout=20)
+    finally:
+        await nc.close()
+    assert [e["type"] for e in seen] == [
+        "homework.burden.alert.opened.v1",
+        "homework.burden.alert.closed.v1",
+    ]
+    opened_event, closed_event = (e["data"] for e in seen)
+    assert opened_event["alert_id"] == closed_event["alert_id"] == alert["id"]
+    assert opened_event == {
+        "alert_id": alert["id"],
+        "school_id": "S1",
+        "region_id": "jinhua",
+        "class_id": "C1",
+        "grade": 4,
+        "median_minutes": 90.0,
+        "limit_minutes": 60,
+        "window_start": "2026-11-12",
+        "window_end": "2026-11-20",
+        "window_school_days": 7,
+    }
+    assert closed_event["median_minutes"] == 50.0
+    assert all("P1" not in json.dumps(e) for e in seen)  # no student data in events
+
+
+async def test_hw06_window_moves_with_new_school_days(world: World, fixed_today):
+    """An open alert also closes when later, lighter days push the heavy ones out."""
+    fixed_today(TODAY)
+    for day in WINDOW:
+        aid = (
+            await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=50)
+        ).json()
+        await report(world, aid["assignment"]["id"], "P1", 80, world.parent("G1"))
+    bureau = world.bureau()
+    r = await world.client.get("/oversight/alerts", params={"status": "open"}, headers=bureau)
+    assert len(r.json()) == 1
+    later = [D.date(2026, 11, d) for d in (23, 24, 25, 26)]
+    fixed_today(later[-1])
+    for day in later:
+        aid = (
+            await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=40)
+        ).json()
+        await report(world, aid["assignment"]["id"], "P1", 40, world.parent("G1"))
+    r = await world.client.get("/oversight/alerts", headers=bureau)
+    assert [a["status"] for a in r.json()] == ["closed"]
+    assert r.json()[0]["close_window_end"] == "2026-11-26"
+    window = rules.school_days_window(
+        __import__("chassis.calendar", fromlist=["Calendar"]).Calendar(), later[-1], 7
+    )
+    assert r.json()[0]["close_window_start"] == window[0].isoformat()
