@@ -257,17 +257,21 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def service_context(request: Request) -> ServiceContext:
+# Dependencies are `async def`: FastAPI runs plain `def` dependencies in its
+# thread pool, a hop per request for what is an attribute read.
+async def service_context(request: Request) -> ServiceContext:
     ctx: ServiceContext = request.app.state.ctx
     return ctx
 
 
-def database(request: Request) -> Database:
-    return service_context(request).db
+async def database(request: Request) -> Database:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx.db
 
 
-def policies(request: Request) -> PolicyRegistry:
-    return service_context(request).policies
+async def policies(request: Request) -> PolicyRegistry:
+    ctx: ServiceContext = request.app.state.ctx
+    return ctx.policies
 
 
 Ctx = Annotated[ServiceContext, Depends(service_context)]

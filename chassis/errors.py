@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -240,6 +241,16 @@ async def _unhandled_handler(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, Problem(500, headers=headers))
 
 
+async def _integrity_handler(request: Request, exc: Exception) -> JSONResponse:
+    # A uniqueness or foreign-key race lost to a concurrent writer: the
+    # transaction rolled back whole, so the client may simply retry.
+    log.info("integrity_conflict", path=request.url.path, error=str(exc.args[0])[:200])
+    return problem_response(
+        request,
+        Problem(409, "与已有数据冲突（可能有同时提交的请求），未作任何修改，请刷新后重试。"),
+    )
+
+
 def _is_chinese(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
@@ -248,6 +259,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Problem, _problem_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
+    app.add_exception_handler(IntegrityError, _integrity_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 from typing import Annotated, Any, Generic, TypeVar
 
-from fastapi import Query
+from fastapi import Depends, Query
 from pydantic import BaseModel
 from sqlalchemy import Select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -28,6 +28,18 @@ class PageParams:
     ) -> None:
         self.limit = limit
         self.cursor = cursor
+
+
+async def page_params(
+    limit: Annotated[int, Query(ge=1, le=500, description="每页条数")] = 50,
+    cursor: Annotated[str | None, Query(description="上一页返回的 next_cursor")] = None,
+) -> PageParams:
+    # An async function, not the class itself: FastAPI would run a class
+    # dependency in its thread pool.
+    return PageParams(limit=limit, cursor=cursor)
+
+
+PageQuery = Annotated[PageParams, Depends(page_params)]
 
 
 def encode_cursor(value: str) -> str:

@@ -11,7 +11,7 @@ from chassis.app import DB, Ctx
 from chassis.auth import CurrentPrincipal, Principal, require_roles
 from chassis.calendar import HolidayArrangement
 from chassis.errors import Problem, not_found
-from chassis.pagination import Page, PageParams, paginate
+from chassis.pagination import Page, PageQuery, paginate
 from chassis.privacy import mask_phone
 from services.identity import schemas, service
 from services.identity.models import (
@@ -182,7 +182,7 @@ async def create_school(body: schemas.SchoolIn, principal: Bureau, db: DB) -> Sc
 async def list_schools(
     principal: CurrentPrincipal,
     db: DB,
-    page: Annotated[PageParams, Depends()],
+    page: PageQuery,
     region_id: str | None = None,
 ) -> Page[schemas.SchoolOut]:
     regions = principal.tenant_ids("region") if principal.has_role(*OVERSIGHT) else set()

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import utcnow
 from chassis.messaging import Subscription
+from contracts import funds as funds_events
 from contracts import identity as identity_events
 from contracts.base import Envelope
 from services.institutions.models import Institution, Trainer
@@ -25,8 +26,8 @@ from services.institutions.service import add_credit_record
 
 log = structlog.get_logger("institutions.consumers")
 
-REFUND_OVERDUE = "funds.refund.overdue.v1"
-RISK_ALERT = "funds.risk.alert.v1"
+REFUND_OVERDUE = funds_events.RefundOverdue.TYPE
+RISK_ALERT = funds_events.RiskAlertRaised.TYPE
 
 
 def _text(data: dict[str, Any], *keys: str) -> str | None:

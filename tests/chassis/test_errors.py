@@ -6,7 +6,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
+from sqlalchemy import text
 
+from chassis.db import Database
 from chassis.errors import Problem, install_problem_handlers, rule_violation
 from chassis.observability import Metrics, RequestContextMiddleware
 
@@ -36,14 +38,25 @@ def _app() -> FastAPI:
     async def conflict() -> None:
         raise Problem(409, "状态冲突。")
 
+    @app.post("/codes/{code}")
+    async def register(code: str) -> dict[str, str]:
+        async with app.state.db.transaction() as session:
+            await session.execute(text("INSERT INTO codes (code) VALUES (:c)"), {"c": code})
+        return {"code": code}
+
     return app
 
 
 @pytest.fixture
-async def client():
-    transport = httpx.ASGITransport(app=_app(), raise_app_exceptions=False)
+async def client(tmp_path):
+    app = _app()
+    app.state.db = Database(f"sqlite+aiosqlite:///{tmp_path / 'errors.sqlite3'}")
+    async with app.state.db.transaction() as session:
+        await session.execute(text("CREATE TABLE codes (code TEXT PRIMARY KEY)"))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
         yield c
+    await app.state.db.dispose()
 
 
 def _is_problem(r: httpx.Response, status: int) -> dict:
@@ -84,6 +97,13 @@ async def test_x03_404_405_409_are_problems(client):
     _is_problem(await client.get("/nowhere"), 404)
     _is_problem(await client.delete("/publish"), 405)
     _is_problem(await client.get("/conflict"), 409)
+
+
+async def test_x03_lost_uniqueness_race_is_409_problem_not_500(client):
+    assert (await client.post("/codes/91350100M000100Y43")).status_code == 200
+    again = await client.post("/codes/91350100M000100Y43")
+    body = _is_problem(again, 409)
+    assert "UNIQUE" not in body["detail"] and "codes" not in body["detail"]  # no internals
 
 
 async def test_request_id_is_propagated_when_given(client):
