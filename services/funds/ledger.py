@@ -276,6 +276,18 @@ async def balances(session: AsyncSession, codes: Sequence[str]) -> dict[str, int
     return {code: found.get(code, 0) for code in codes}
 
 
+async def cached_balances(session: AsyncSession, codes: Sequence[str]) -> dict[str, int]:
+    """Cached balances (kept in step with the entries in the posting transaction;
+    ``trial_balance`` checks them). Use under a lock that covers the accounts."""
+    rows = await session.execute(
+        select(LedgerAccount.code, LedgerAccount.balance_fen).where(
+            LedgerAccount.code.in_(list(codes))
+        )
+    )
+    found = {code: int(v) for code, v in rows.all()}
+    return {code: found.get(code, 0) for code in codes}
+
+
 @dataclass
 class ChainReport:
     ok: bool
