@@ -55,3 +55,41 @@ async def test_fund08_release_without_confirmed_lesson_and_liabilities_alerts(
     assert r.json()["alerts"] == 0
     # The books still balance: the journal itself is consistent, the rules were not.
     await funds.check_books()
+
+
+async def test_fund08_sweep_runs_on_its_own_schedule(
+    start_service,
+    mint,
+    nats_server,
+    monkeypatch,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.funds.harness import Funds as Harness
+    from tests.support import eventually
+
+    monkeypatch.setenv("FUNDS_SWEEP_INTERVAL_SECONDS", "0.3")
+    funds = Harness(await start_service("funds"), mint, nats_server.url)
+    try:
+        await funds.ready_institution("i1", "c1", price=10000)
+        parent = await funds.family("g1", "s1")
+        contract = await funds.paid_contract(parent, "i1", "c1", "s1", lessons=2)
+        async with funds.db.transaction() as s:
+            await ledger.post(
+                s,
+                Posting(
+                    kind="release",
+                    ref=contract["id"],
+                    memo="违规划转",
+                    legs=[
+                        Leg(ledger.escrow(contract["id"]), -5000, "i1", contract["id"]),
+                        Leg(ledger.releasable("i1"), 5000, "i1"),
+                    ],
+                ),
+            )
+
+        async def alerted() -> bool:
+            r = await funds.client.get("/alerts", headers=auth(funds.auditor))
+            return len(r.json()) == 2
+
+        await eventually(alerted)
+    finally:
+        await funds.close()
