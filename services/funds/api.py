@@ -532,6 +532,26 @@ async def answer_lesson(
     return await _money(ctx, request, principal, work)
 
 
+@router.post(
+    "/lessons/confirmations",
+    response_model=list[schemas.LessonOut],
+    tags=["课次"],
+    summary="家长批量确认课次（一次划转多课次，每课次一笔分录，FUND-04）",
+)
+async def confirm_lessons(
+    body: schemas.LessonBatch, request: Request, ctx: Ctx, principal: Parent
+) -> Response:
+    today = _today()
+
+    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+        lessons = await service.answer_lessons(
+            session, ctx.policies, principal, body.lesson_ids, today
+        )
+        return [schemas.LessonOut.model_validate(x).model_dump(mode="json") for x in lessons]
+
+    return await _money(ctx, request, principal, work)
+
+
 # ---------------------------------------------------------------- refunds (FUND-06/07)
 
 

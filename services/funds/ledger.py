@@ -171,35 +171,30 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
         for leg in p.legs:
             meta.setdefault(leg.account, leg)
             delta[leg.account] += leg.amount_fen
+    # One statement creates missing accounts, moves every cached balance by
+    # its delta and returns the new balances (start = new − delta).
     dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
     insert = sqlite_insert if dialect == "sqlite" else pg_insert
-    await session.execute(
-        insert(LedgerAccount)
-        .values(
-            [
-                {
-                    "code": code,
-                    "kind": kind_of(code),
-                    "institution_id": leg.institution_id,
-                    "contract_id": leg.contract_id,
-                    "balance_fen": 0,
-                }
-                for code, leg in sorted(meta.items())
-            ]
-        )
-        .on_conflict_do_nothing()
+    table = LedgerAccount.__table__
+    stmt = insert(table).values(
+        [
+            {
+                "code": code,
+                "kind": kind_of(code),
+                "institution_id": meta[code].institution_id,
+                "contract_id": meta[code].contract_id,
+                "balance_fen": delta[code],
+            }
+            for code in sorted(delta)
+        ]
     )
-    balances = dict(
-        (
-            await session.execute(
-                select(LedgerAccount.code, LedgerAccount.balance_fen).where(
-                    LedgerAccount.code.in_(sorted(delta))
-                )
-            )
-        ).all()
-    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["code"],
+        set_={"balance_fen": table.c.balance_fen + stmt.excluded.balance_fen},
+    ).returning(table.c.code, table.c.balance_fen)
+    after = {code: int(v) for code, v in (await session.execute(stmt)).all()}
     # Check every intermediate state, not just the end of the batch.
-    running = dict(balances)
+    running = {code: after[code] - delta[code] for code in delta}
     for p in postings:
         for leg in p.legs:
             running[leg.account] += leg.amount_fen
@@ -245,13 +240,6 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
         prev = p.hash
     await session.execute(JournalTransaction.__table__.insert(), txn_rows)
     await session.execute(JournalEntry.__table__.insert(), entry_rows)
-    for code in sorted(delta):
-        if delta[code]:
-            await session.execute(
-                update(LedgerAccount)
-                .where(LedgerAccount.code == code)
-                .values(balance_fen=LedgerAccount.balance_fen + delta[code])
-            )
     await session.execute(update(LedgerHead).where(LedgerHead.id == 1).values(seq=seq, hash=prev))
     return list(postings)
 
@@ -273,6 +261,18 @@ async def balances(session: AsyncSession, codes: Sequence[str]) -> dict[str, int
         .group_by(JournalEntry.account)
     )
     found = {code: int(total) for code, total in rows.all()}
+    return {code: found.get(code, 0) for code in codes}
+
+
+async def cached_balances(session: AsyncSession, codes: Sequence[str]) -> dict[str, int]:
+    """Cached balances (kept in step with the entries in the posting transaction;
+    ``trial_balance`` checks them). Use under a lock that covers the accounts."""
+    rows = await session.execute(
+        select(LedgerAccount.code, LedgerAccount.balance_fen).where(
+            LedgerAccount.code.in_(list(codes))
+        )
+    )
+    found = {code: int(v) for code, v in rows.all()}
     return {code: found.get(code, 0) for code in codes}
 
 

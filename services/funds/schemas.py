@@ -103,6 +103,10 @@ class LessonAnswer(In):
     reason: str | None = Field(default=None, max_length=500)
 
 
+class LessonBatch(In):
+    lesson_ids: list[str] = Field(min_length=1, max_length=1000)
+
+
 class LessonOut(Out):
     id: str
     contract_id: str

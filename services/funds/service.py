@@ -700,6 +700,7 @@ async def answer_lesson(
     account = await _account_shared(session, contract.account_id)
     policy = await funds_policy(session, policies, contract.region_id, today)
     await settle(session, contract, account, policy)
+    await session.refresh(lesson)
     return lesson
 
 
@@ -723,26 +724,18 @@ def _release_posting(contract: Contract, amount: int, to_reserve: int, memo: str
     return Posting(kind="release", ref=contract.id, memo=memo, legs=legs)
 
 
-async def settle(
-    session: AsyncSession,
-    contract: Contract,
-    account: EscrowAccount,
-    policy: FundsPolicy,
-    *,
-    post: bool = True,
+def _settle_postings(
+    contract: Contract, account: EscrowAccount, policy: FundsPolicy, bal: dict[str, int]
 ) -> list[Posting]:
-    """Release what confirmed lessons have earned (FUND-04), keeping the risk
-    reserve (FUND-05) until the contract completes; nothing while frozen
-    (FUND-07). Caller holds the contract lock. Returns the postings (already
-    posted unless ``post`` is False, for batching)."""
+    """The release postings confirmed lessons have earned (FUND-04), keeping
+    the risk reserve (FUND-05) until the contract completes; nothing while
+    frozen (FUND-07). Updates ``contract`` and the running balances ``bal``
+    (escrow and reserve of the contract) as if the postings were made."""
     if account.state != "active":
         return []
     postings: list[Posting] = []
-    balances = await ledger.balances(
-        session, [ledger.escrow(contract.id), ledger.reserve(contract.id)]
-    )
-    escrow_fen = balances[ledger.escrow(contract.id)]
-    reserve_fen = balances[ledger.reserve(contract.id)]
+    escrow_code, reserve_code = ledger.escrow(contract.id), ledger.reserve(contract.id)
+    escrow_fen, reserve_fen = bal[escrow_code], bal[reserve_code]
     closed = contract.status in ("refunded", "completed")
     if closed or contract.refunded_lessons:
         due = contract.confirmed_lessons * contract.price_per_lesson_fen
@@ -762,6 +755,7 @@ async def settle(
         kept = 0 if final else rules.reserve_part(gross, reserve_fen, policy)
         postings.append(_release_posting(contract, gross, kept, "一课一消：确认课次划转"))
         contract.released_gross_fen += gross
+        escrow_fen -= gross
         reserve_fen += kept
     fully_released = (
         contract.released_gross_fen >= contract.confirmed_lessons * contract.price_per_lesson_fen
@@ -771,11 +765,21 @@ async def settle(
         reserve_fen = 0
     if complete and fully_released and contract.status == "active":
         contract.status = "completed"
-    if contract.confirmed_lessons:
+    if fully_released:
         contract.released_lessons = contract.confirmed_lessons
-    if postings and post:
-        await ledger.post_many(session, postings)
-    if post:
+    bal[escrow_code], bal[reserve_code] = escrow_fen, reserve_fen
+    return postings
+
+
+async def _contract_balances(session: AsyncSession, contract: Contract) -> dict[str, int]:
+    # Cached balances: every posting to these accounts holds the contract lock.
+    return await ledger.cached_balances(
+        session, [ledger.escrow(contract.id), ledger.reserve(contract.id)]
+    )
+
+
+async def _mark_released(session: AsyncSession, contract: Contract) -> None:
+    if contract.released_lessons == contract.confirmed_lessons:
         await session.execute(
             Lesson.__table__.update()
             .where(
@@ -785,7 +789,86 @@ async def settle(
             )
             .values(released=True)
         )
+
+
+async def settle(
+    session: AsyncSession, contract: Contract, account: EscrowAccount, policy: FundsPolicy
+) -> list[Posting]:
+    """Post what confirmed lessons have earned (see ``_settle_postings``).
+    The caller holds the contract lock."""
+    postings = _settle_postings(
+        contract, account, policy, await _contract_balances(session, contract)
+    )
+    if postings:
+        await ledger.post_many(session, postings)
+        await _mark_released(session, contract)
     return postings
+
+
+async def answer_lessons(
+    session: AsyncSession,
+    policies: PolicyRegistry,
+    principal: Principal | None,
+    lesson_ids: list[str],
+    today: dt.date,
+) -> list[Lesson]:
+    """Batched confirmation (FUND-04): many lessons, one posting per lesson,
+    all chained under one ledger-head lock. ``principal`` None: auto-confirm."""
+    found = (
+        (await session.execute(select(Lesson).where(Lesson.id.in_(sorted(set(lesson_ids))))))
+        .scalars()
+        .all()
+    )
+    if len(found) != len(set(lesson_ids)):
+        raise not_found("课次不存在。")
+    by_contract: dict[str, list[str]] = {}
+    for lesson in found:
+        by_contract.setdefault(lesson.contract_id, []).append(lesson.id)
+    postings: list[Posting] = []
+    touched: list[Contract] = []
+    answered: list[Lesson] = []
+    for contract_id in sorted(by_contract):
+        contract = await _lock_contract(session, contract_id)
+        assert contract is not None
+        if principal is not None and principal.person_id != contract.guardian_id:
+            raise not_found("课次不存在。")
+        lessons = (
+            (
+                await session.execute(
+                    select(Lesson)
+                    .where(Lesson.id.in_(by_contract[contract_id]))
+                    .order_by(Lesson.seq)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+            )
+            .scalars()
+            .all()
+        )
+        account = await _account_shared(session, contract.account_id)
+        policy = await funds_policy(session, policies, contract.region_id, today)
+        bal = await _contract_balances(session, contract)
+        for lesson in lessons:
+            if lesson.status != "reported":
+                raise conflict(
+                    "该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status
+                )
+            lesson.status = "confirmed" if principal is not None else "auto_confirmed"
+            lesson.answered_at = utcnow()
+            contract.reported_lessons -= 1
+            contract.confirmed_lessons += 1
+            postings += _settle_postings(contract, account, policy, bal)
+            answered.append(lesson)
+        if contract.released_lessons == contract.confirmed_lessons:
+            for lesson in lessons:
+                lesson.released = True
+        touched.append(contract)
+    if postings:
+        await ledger.post_many(session, postings)
+    await session.flush()
+    for contract in touched:
+        await _mark_released(session, contract)
+    return answered
 
 
 # ---------------------------------------------------------------- refunds (FUND-06)
@@ -1287,11 +1370,9 @@ async def sweep(session: AsyncSession, policies: PolicyRegistry, today: dt.date)
         .scalars()
         .all()
     )
-    for lesson_id in due_lessons:
-        await answer_lesson(
-            session, policies, None, lesson_id, confirm=True, reason=None, today=today
-        )
-        result.auto_confirmed += 1
+    if due_lessons:
+        await answer_lessons(session, policies, None, list(due_lessons), today)
+        result.auto_confirmed = len(due_lessons)
     refunds = (
         (
             await session.execute(

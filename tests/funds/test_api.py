@@ -227,3 +227,19 @@ async def test_gw03_object_level_authorization(funds: Funds) -> None:
     # Only auditors verify the chain.
     r = await funds.client.get("/audit/chain", headers=auth(p1))
     assert r.status_code == 403
+
+
+async def test_openapi_documents_the_funds_routes(funds: Funds) -> None:
+    r = await funds.client.get("/openapi.json")
+    assert r.status_code == 200
+    paths = r.json()["paths"]
+    for path in (
+        "/accounts",
+        "/contracts",
+        "/bank/payments",
+        "/lessons/confirmations",
+        "/audit/chain",
+        "/bank/statements",
+        "/refund-plans/{plan_id}",
+    ):
+        assert path in paths

@@ -189,3 +189,31 @@ async def test_fund04_auto_confirm_after_working_days(funds: Funds) -> None:
     assert await funds.balance(ledger.releasable("i1")) == 9000
     await funds.check_books()
     _ = eventually
+
+
+async def test_fund04_batched_confirmation_one_posting_per_lesson(funds: Funds) -> None:
+    await funds.ready_institution("i1", "c1", price=8000)
+    parent = await funds.family("g1", "s1", "s2")
+    c1 = await funds.paid_contract(parent, "i1", "c1", "s1", lessons=60, price=8000)
+    c2 = await funds.paid_contract(parent, "i1", "c1", "s2", lessons=60, price=8000)
+    ids = []
+    for c in (c1, c2):
+        for _ in range(60):
+            ids.append((await funds.report(c["id"], "i1")).json()["id"])
+    async with funds.db.read() as s:
+        before = (await ledger.verify_chain(s)).head_seq
+    r = await funds.post("/lessons/confirmations", parent, {"lesson_ids": ids})
+    assert r.status_code == 200, r.text
+    assert len(r.json()) == 120 and all(x["released"] for x in r.json())
+    async with funds.db.read() as s:
+        after = (await ledger.verify_chain(s)).head_seq
+    # 120 lesson releases + 2 reserve releases at completion.
+    assert after - before == 122
+    assert await funds.balance(ledger.releasable("i1")) == 2 * 480000
+    # Someone else's lessons in the batch: the whole batch is refused, nothing moves.
+    other = await funds.family("g2", "s3")
+    c3 = await funds.paid_contract(other, "i1", "c1", "s3", lessons=2, price=8000)
+    mine = (await funds.report(c3["id"], "i1")).json()["id"]
+    r = await funds.post("/lessons/confirmations", parent, {"lesson_ids": [mine]})
+    assert r.status_code == 404
+    await funds.check_books()

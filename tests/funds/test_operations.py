@@ -281,3 +281,25 @@ async def test_fund08_reconciliation_reports_every_mismatch(funds: Funds) -> Non
     )
     assert r.status_code == 422 and r.json()["errors"]
     _ = json
+
+
+async def test_fund08_large_movement_alert_from_profile(funds: Funds, tmp_path: Path) -> None:
+    for f in POLICY_DIR.glob("*.toml"):
+        (tmp_path / f.name).write_text(f.read_text())
+    (tmp_path / "jinhua.toml").write_text(
+        (tmp_path / "jinhua.toml").read_text()
+        + '\n[[amendments]]\neffective_from = 2025-01-01\nsource = "test"\n'
+        + "[amendments.funds.risk_alerts]\nlarge_movement_fen = 15000\n"
+    )
+    funds.svc.ctx.policies = PolicyRegistry.load(tmp_path)
+    await funds.ready_institution("i1", "c1", price=10000)
+    parent = await funds.family("g1", "s1")
+    contract = await funds.paid_contract(parent, "i1", "c1", "s1", lessons=2)
+    for _ in range(2):
+        lesson = (await funds.report(contract["id"], "i1")).json()
+        assert (await funds.answer(lesson["id"], parent)).status_code == 200
+    r = await funds.post("/payouts/batches", funds.bank_token, {"bank_id": "bank-a"})
+    assert r.status_code == 201 and r.json()[0]["amount_fen"] == 20000
+    alerts = (await funds.client.get("/alerts", headers=auth(funds.auditor))).json()
+    assert [a["kind"] for a in alerts] == ["large_movement"]
+    assert alerts[0]["facts"]["amount_fen"] == 20000
