@@ -136,6 +136,17 @@ async def withdraw(
     return await service.withdraw(db, principal, enrollment_id)
 
 
+@router.get(
+    "/courses/{course_id}/enrollments",
+    summary="课程的报名与候补名单（学校教职工，姓名脱敏）",
+    tags=["报名"],
+)
+async def course_enrollments(
+    course_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await service.course_enrollments(db, principal, course_id)
+
+
 @router.get("/students/{student_id}/enrollments", summary="学生的报名记录", tags=["报名"])
 async def student_enrollments(
     student_id: str, principal: CurrentPrincipal, db: DB

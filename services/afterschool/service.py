@@ -24,6 +24,7 @@ from chassis.db import Database, utcnow
 from chassis.errors import FieldError, Problem, conflict, rule_violation
 from chassis.messaging import emit
 from chassis.policy import PolicyProfile, PolicyRegistry
+from chassis.privacy import mask_name
 from contracts import afterschool as ev
 from services.afterschool import rules, schemas
 from services.afterschool.access import (
@@ -896,3 +897,33 @@ async def student_enrollments(
             )
         ).scalars()
         return [enrollment_out(e) for e in rows]
+
+
+async def course_enrollments(
+    db: Database, principal: Principal, course_id: str
+) -> list[dict[str, Any]]:
+    """AS-04 for the school's staff: who holds or waits for a course, in order;
+    names masked (X-06) — the full name is on the course teacher's roll-call sheet."""
+    async with db.read() as session:
+        course = await session.get(Course, course_id)
+        ensure(course is not None and is_staff(principal, course.school_id), "课程")
+        assert course is not None
+        s = roster.students
+        rows = (
+            await session.execute(
+                select(Enrollment, s.c.name)
+                .join(s, s.c.id == Enrollment.student_id)
+                .where(Enrollment.course_id == course_id, Enrollment.status.in_(ACTIVE_STATUSES))
+                .order_by(Enrollment.status, Enrollment.waitlist_position, Enrollment.created_at)
+            )
+        ).all()
+        return [
+            {
+                "id": e.id,
+                "student_id": e.student_id,
+                "student_name": mask_name(name),
+                "status": e.status,
+                "waitlist_position": e.waitlist_position,
+            }
+            for e, name in rows
+        ]

@@ -151,6 +151,16 @@ async def test_as04_full_course_fifo_waitlist_and_promotion_on_withdrawal(svc, m
         "waitlisted",
     ]
     assert [r["waitlist_position"] for r in results[2:]] == [1, 2, 3]
+    # The school's staff see the list in order, names masked; others see nothing.
+    staff = mint("teacher", tenants=[f"school:{school.id}"], person_id=school.teacher_id)
+    listed = await svc.client.get(f"/courses/{course['id']}/enrollments", headers=auth(staff))
+    assert listed.status_code == 200, listed.text
+    assert [e["status"] for e in listed.json()] == ["held"] * 2 + ["waitlisted"] * 3
+    assert [e["student_name"] for e in listed.json()][:1] == ["张*0"]
+    r = await svc.client.get(
+        f"/courses/{course['id']}/enrollments", headers=auth(parent_token(mint, school, 0))
+    )
+    assert r.status_code == 404
     # A loser who does not want the waitlist is told "full" and nothing is written.
     extra = await seed_school(svc.ctx.db, students=0)
     del extra
