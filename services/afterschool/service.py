@@ -192,7 +192,7 @@ async def create_plan(
             )
         profile = profile_for(policies, school["region_id"], term.start)
         sessions = [rules.Session(s.kind, s.start, s.end) for s in data.sessions]
-        _raise(rules.check_sessions(profile.afterschool, stage, sessions))  # type: ignore[arg-type]
+        _raise(rules.check_sessions(profile.afterschool, stage, sessions))
         days = rules.service_days(calendar, term.start, term.end, profile.afterschool)
         if not days:
             _raise(rules.Violation("AS-01", "该学期没有可提供课后服务的日子。"))
