@@ -33,6 +33,7 @@ from services.afterschool.access import (
     is_guardian,
     is_school_admin,
     is_staff,
+    teaches_student,
 )
 from services.afterschool.models import (
     ACTIVE_STATUSES,
@@ -885,7 +886,7 @@ async def student_enrollments(
             student is not None
             and (
                 await is_guardian(session, principal, student_id)
-                or is_staff(principal, student["school_id"])
+                or await teaches_student(session, principal, dict(student))
             ),
             "学生",
         )
@@ -906,7 +907,18 @@ async def course_enrollments(
     names masked (X-06) — the full name is on the course teacher's roll-call sheet."""
     async with db.read() as session:
         course = await session.get(Course, course_id)
-        ensure(course is not None and is_staff(principal, course.school_id), "课程")
+        ensure(
+            course is not None
+            and (
+                is_school_admin(principal, course.school_id)
+                or (
+                    is_staff(principal, course.school_id)
+                    and principal.person_id is not None
+                    and principal.person_id == course.teacher_id
+                )
+            ),
+            "课程",
+        )
         assert course is not None
         s = roster.students
         rows = (
