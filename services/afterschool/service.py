@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import Principal
@@ -607,19 +607,34 @@ async def enroll(
 
     The seat is taken by an atomic conditional UPDATE (``seats_taken <
     capacity``) in the same transaction that inserts the held enrollment, so
-    at every committed instant seats taken = enrollments held.
+    at every committed instant seats taken = enrollments held. (Core
+    statements on this hot path: the ORM's unit of work is not needed here.)
     """
     student = await _lock_own_child(session, principal, data.student_id)
     if student is None or not student["active"]:
         raise Problem(404, "学生不存在。")
-    course = await session.get(Course, data.course_id)
+    course = (
+        await session.execute(
+            select(
+                Course.school_id,
+                Course.plan_id,
+                Course.status,
+                Course.weekdays,
+                Course.start,
+                Course.end,
+                Plan.window_mode,
+                Plan.window_opens_at,
+                Plan.window_closes_at,
+            )
+            .join(Plan, Plan.id == Course.plan_id)
+            .where(Course.id == data.course_id)
+        )
+    ).first()
     if course is None or course.school_id != student["school_id"]:
         raise Problem(404, "课程不存在。")
-    plan = await session.get(Plan, course.plan_id)
-    assert plan is not None
     if not data.consent:
         raise rule_violation("AS-04", "参加课后服务须由监护人明确表示自愿同意（不得“被自愿”）。")
-    state = rules.window_state(utcnow(), plan.window_opens_at, plan.window_closes_at)
+    state = rules.window_state(utcnow(), course.window_opens_at, course.window_closes_at)
     if state != "open":
         detail = {
             "unset": "学校尚未开放报名。",
@@ -629,28 +644,34 @@ async def enroll(
         raise rule_violation("AS-04", detail, status=409, window=state)
     if course.status != "active":
         raise rule_violation("AS-03", "该课程的提供机构已移出目录，课程已暂停报名。", status=409)
-    mine = list(
-        (
-            await session.execute(
-                select(Enrollment, Course)
-                .join(Course, Course.id == Enrollment.course_id)
-                .where(
-                    Enrollment.student_id == data.student_id,
-                    Enrollment.status.in_(ACTIVE_STATUSES),
-                )
+    mine = (
+        await session.execute(
+            select(
+                Enrollment.id,
+                Enrollment.course_id,
+                Enrollment.status,
+                Course.name,
+                Course.weekdays,
+                Course.start,
+                Course.end,
             )
-        ).all()
-    )
-    for existing, _ in mine:
-        if existing.course_id == course.id:
+            .join(Course, Course.id == Enrollment.course_id)
+            .where(
+                Enrollment.student_id == data.student_id,
+                Enrollment.status.in_(ACTIVE_STATUSES),
+            )
+        )
+    ).all()
+    for other in mine:
+        if other.course_id == data.course_id:
             raise rule_violation(
                 "AS-04",
                 "该学生已报名此课程。",
                 status=409,
-                enrollment_id=existing.id,
-                enrollment_status=existing.status,
+                enrollment_id=other.id,
+                enrollment_status=other.status,
             )
-    for _, other in mine:
+    for other in mine:
         if rules.slots_clash(
             (other.weekdays, other.start, other.end), (course.weekdays, course.start, course.end)
         ):
@@ -658,27 +679,18 @@ async def enroll(
                 "AS-04",
                 f"与已报名的课程“{other.name}”时间冲突：同一时段只能选一门课程。",
                 status=409,
-                clashes_with=other.id,
+                clashes_with=other.course_id,
             )
     now = utcnow()
-    enrollment = Enrollment(
-        id=new_id(),
-        course_id=course.id,
-        plan_id=plan.id,
-        school_id=course.school_id,
-        student_id=data.student_id,
-        guardian_id=principal.person_id or "",
-        consent_at=now,
-        consent_statement=data.consent_statement,
-        created_at=now,
-    )
-    if plan.window_mode == "lottery":
-        enrollment.status = "applied"
+    position: int | None = None
+    held_from: dt.datetime | None = None
+    if course.window_mode == "lottery":
+        status = "applied"
     else:
         taken = await session.execute(
             update(Course)
             .where(
-                Course.id == course.id,
+                Course.id == data.course_id,
                 Course.seats_taken < Course.capacity,
                 Course.status == "active",
             )
@@ -686,26 +698,60 @@ async def enroll(
             .execution_options(synchronize_session=False)
         )
         if taken.rowcount == 1:  # type: ignore[attr-defined]
-            enrollment.status = "held"
-            enrollment.held_from = now
+            status, held_from = "held", now
         elif not join_waitlist:
             raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
         else:
-            position = (
-                await session.execute(
-                    update(Course)
-                    .where(Course.id == course.id)
-                    .values(waitlist_seq=Course.waitlist_seq + 1)
-                    .returning(Course.waitlist_seq)
-                    .execution_options(synchronize_session=False)
-                )
-            ).scalar_one()
-            enrollment.status = "waitlisted"
-            enrollment.waitlist_position = int(position)
-    session.add(enrollment)
-    await session.flush()
-    await emit(session, _changed(enrollment, None))
-    return enrollment_out(enrollment)
+            position = int(
+                (
+                    await session.execute(
+                        update(Course)
+                        .where(Course.id == data.course_id)
+                        .values(waitlist_seq=Course.waitlist_seq + 1)
+                        .returning(Course.waitlist_seq)
+                        .execution_options(synchronize_session=False)
+                    )
+                ).scalar_one()
+            )
+            status = "waitlisted"
+    enrollment_id = new_id()
+    await session.execute(
+        insert(Enrollment).values(
+            id=enrollment_id,
+            course_id=data.course_id,
+            plan_id=course.plan_id,
+            school_id=course.school_id,
+            student_id=data.student_id,
+            guardian_id=principal.person_id or "",
+            status=status,
+            waitlist_position=position,
+            consent_at=now,
+            consent_statement=data.consent_statement,
+            created_at=now,
+            held_from=held_from,
+        )
+    )
+    await emit(
+        session,
+        ev.EnrollmentChanged(
+            id=enrollment_id,
+            course_id=data.course_id,
+            school_id=course.school_id,
+            student_id=data.student_id,
+            status=status,  # type: ignore[arg-type]
+            waitlist_position=position,
+            occurred_at=now,
+        ),
+    )
+    return schemas.EnrollmentOut(
+        id=enrollment_id,
+        course_id=data.course_id,
+        student_id=data.student_id,
+        status=status,
+        waitlist_position=position,
+        consent_at=now,
+        created_at=now,
+    )
 
 
 async def _promote(session: AsyncSession, course: Course) -> Enrollment | None:
