@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import Principal
 from chassis.errors import not_found
-from services.afterschool.models import roster
+from services.afterschool.models import Course, Enrollment, roster
 
 STAFF = ("school_admin", "head_teacher", "teacher")
 OVERSIGHT = ("bureau", "regulator", "auditor")
@@ -61,3 +61,36 @@ async def can_view_school(
 def ensure(condition: bool, what: str = "资源") -> None:
     if not condition:
         raise not_found(f"{what}不存在。")
+
+
+async def teaches_student(
+    session: AsyncSession, principal: Principal, student: dict[str, object]
+) -> bool:
+    """A school admin sees the school's children; a teacher only those of the
+    classes they head or teach, and those in the after-school courses they run."""
+    school_id = str(student["school_id"])
+    if is_school_admin(principal, school_id):
+        return True
+    if not (is_staff(principal, school_id) and principal.person_id):
+        return False
+    klass = (
+        (
+            await session.execute(
+                select(roster.classes).where(roster.classes.c.id == student["class_id"])
+            )
+        )
+        .mappings()
+        .first()
+    )
+    if klass is not None:
+        if klass["head_teacher_id"] == principal.person_id:
+            return True
+        if any(t.get("teacher_id") == principal.person_id for t in klass["subject_teachers"] or []):
+            return True
+    row = await session.execute(
+        select(Enrollment.id)
+        .join(Course, Course.id == Enrollment.course_id)
+        .where(Enrollment.student_id == student["id"], Course.teacher_id == principal.person_id)
+        .limit(1)
+    )
+    return row.first() is not None

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis import idempotency
-from chassis.app import DB, Ctx, Policies
+from chassis.app import DB, Ctx, Policies, ServiceContext
 from chassis.auth import CurrentPrincipal
-from chassis.errors import rule_violation
+from chassis.errors import Problem, rule_violation
 from services.afterschool import operations, schemas, service
 
 router = APIRouter()
@@ -110,19 +112,35 @@ async def enroll(
     ctx: Ctx,
     waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
 ) -> Response:
-    if not waitlist:
-        left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
-        if left is not None and left <= 0:
-            # Sold out and no waitlist wanted: answered from a read, nothing written.
-            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
-    claim = await idempotency.begin(ctx.db, request, principal)
-    if isinstance(claim, Response):
-        return claim
+    try:
+        if not waitlist:
+            left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
+            if left is not None and left <= 0:
+                # Sold out and no waitlist wanted: answered from a read, nothing written.
+                raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+        # Admission control: at most pool-size seat transactions at once, so a
+        # rush queues here (in memory, in arrival order) instead of holding row
+        # locks while waiting for the event loop or timing out on the pool.
+        async with _enroll_gate(ctx):
+            claim = await idempotency.begin(ctx.db, request, principal)
+            if isinstance(claim, Response):
+                return claim
 
-    async def work(session: AsyncSession) -> Any:
-        return await service.enroll(session, principal, data, join_waitlist=waitlist)
+            async def work(session: AsyncSession) -> Any:
+                return await service.enroll(session, principal, data, join_waitlist=waitlist)
 
-    return await idempotency.run(ctx.db, claim, work, status_code=201)
+            return await idempotency.run(ctx.db, claim, work, status_code=201)
+    except SATimeoutError:
+        # Nothing was written (the transaction did not commit; the key was released).
+        raise Problem(503, "报名人数过多，请稍后重试。", headers={"Retry-After": "1"}) from None
+
+
+def _enroll_gate(ctx: ServiceContext) -> asyncio.Semaphore:
+    gate = ctx.extras.get("enroll_gate")
+    if gate is None:
+        gate = ctx.extras["enroll_gate"] = asyncio.Semaphore(max(1, ctx.settings.db_pool_size))
+    assert isinstance(gate, asyncio.Semaphore)
+    return gate
 
 
 @router.post(
@@ -134,6 +152,17 @@ async def withdraw(
     enrollment_id: str, principal: CurrentPrincipal, db: DB
 ) -> schemas.EnrollmentOut:
     return await service.withdraw(db, principal, enrollment_id)
+
+
+@router.get(
+    "/courses/{course_id}/enrollments",
+    summary="课程的报名与候补名单（学校教职工，姓名脱敏）",
+    tags=["报名"],
+)
+async def course_enrollments(
+    course_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await service.course_enrollments(db, principal, course_id)
 
 
 @router.get("/students/{student_id}/enrollments", summary="学生的报名记录", tags=["报名"])

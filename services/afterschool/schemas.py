@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _local_time(value: dt.time) -> dt.time:
+    if value.tzinfo is not None:
+        raise ValueError("请填写北京时间的本地时刻（如 17:30），不带时区")
+    return value
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is None:
+        raise ValueError("须带时区（如 2026-09-01T08:00:00+08:00）")
+    return value
+
+
+LocalTime = Annotated[dt.time, AfterValidator(_local_time)]
+AwareDatetime = Annotated[dt.datetime, AfterValidator(_aware)]
+
+
 class SessionIn(_In):
     kind: Literal["regular", "evening_study", "delayed_care"] = "regular"
-    start: dt.time
-    end: dt.time
+    start: LocalTime
+    end: LocalTime
 
 
 class PlanIn(_In):
@@ -51,8 +67,8 @@ class PlanOut(BaseModel):
 
 
 class WindowIn(_In):
-    opens_at: dt.datetime
-    closes_at: dt.datetime
+    opens_at: AwareDatetime
+    closes_at: AwareDatetime
     mode: Literal["first_come", "lottery"]
     seed: str | None = Field(
         default=None, min_length=8, max_length=128, description="抽签种子（不填则随机生成）"
@@ -63,8 +79,8 @@ class CourseIn(_In):
     name: str = Field(min_length=1, max_length=200)
     kind: str = Field(min_length=1, max_length=32, description="homework_guidance 或兴趣类")
     weekdays: list[int] = Field(min_length=1, max_length=7)
-    start: dt.time
-    end: dt.time
+    start: LocalTime
+    end: LocalTime
     capacity: int = Field(ge=1, le=10_000)
     provider_type: Literal[
         "own_teacher", "retired_teacher", "professional", "volunteer", "institution"
@@ -127,7 +143,7 @@ class RollCallIn(_In):
 class ExitIn(_In):
     student_id: str
     date: dt.date
-    left_at: dt.datetime
+    left_at: AwareDatetime
     mode: Literal["guardian_pickup", "alone_with_consent", "flexible_early"]
     guardian_id: str | None = None
     reason: str | None = Field(default=None, max_length=500)

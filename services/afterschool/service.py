@@ -9,7 +9,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import Principal
@@ -24,6 +24,7 @@ from chassis.db import Database, utcnow
 from chassis.errors import FieldError, Problem, conflict, rule_violation
 from chassis.messaging import emit
 from chassis.policy import PolicyProfile, PolicyRegistry
+from chassis.privacy import mask_name
 from contracts import afterschool as ev
 from services.afterschool import rules, schemas
 from services.afterschool.access import (
@@ -32,6 +33,7 @@ from services.afterschool.access import (
     is_guardian,
     is_school_admin,
     is_staff,
+    teaches_student,
 )
 from services.afterschool.models import (
     ACTIVE_STATUSES,
@@ -191,7 +193,7 @@ async def create_plan(
             )
         profile = profile_for(policies, school["region_id"], term.start)
         sessions = [rules.Session(s.kind, s.start, s.end) for s in data.sessions]
-        _raise(rules.check_sessions(profile.afterschool, stage, sessions))  # type: ignore[arg-type]
+        _raise(rules.check_sessions(profile.afterschool, stage, sessions))
         days = rules.service_days(calendar, term.start, term.end, profile.afterschool)
         if not days:
             _raise(rules.Violation("AS-01", "该学期没有可提供课后服务的日子。"))
@@ -605,19 +607,34 @@ async def enroll(
 
     The seat is taken by an atomic conditional UPDATE (``seats_taken <
     capacity``) in the same transaction that inserts the held enrollment, so
-    at every committed instant seats taken = enrollments held.
+    at every committed instant seats taken = enrollments held. (Core
+    statements on this hot path: the ORM's unit of work is not needed here.)
     """
     student = await _lock_own_child(session, principal, data.student_id)
     if student is None or not student["active"]:
         raise Problem(404, "学生不存在。")
-    course = await session.get(Course, data.course_id)
+    course = (
+        await session.execute(
+            select(
+                Course.school_id,
+                Course.plan_id,
+                Course.status,
+                Course.weekdays,
+                Course.start,
+                Course.end,
+                Plan.window_mode,
+                Plan.window_opens_at,
+                Plan.window_closes_at,
+            )
+            .join(Plan, Plan.id == Course.plan_id)
+            .where(Course.id == data.course_id)
+        )
+    ).first()
     if course is None or course.school_id != student["school_id"]:
         raise Problem(404, "课程不存在。")
-    plan = await session.get(Plan, course.plan_id)
-    assert plan is not None
     if not data.consent:
         raise rule_violation("AS-04", "参加课后服务须由监护人明确表示自愿同意（不得“被自愿”）。")
-    state = rules.window_state(utcnow(), plan.window_opens_at, plan.window_closes_at)
+    state = rules.window_state(utcnow(), course.window_opens_at, course.window_closes_at)
     if state != "open":
         detail = {
             "unset": "学校尚未开放报名。",
@@ -627,28 +644,34 @@ async def enroll(
         raise rule_violation("AS-04", detail, status=409, window=state)
     if course.status != "active":
         raise rule_violation("AS-03", "该课程的提供机构已移出目录，课程已暂停报名。", status=409)
-    mine = list(
-        (
-            await session.execute(
-                select(Enrollment, Course)
-                .join(Course, Course.id == Enrollment.course_id)
-                .where(
-                    Enrollment.student_id == data.student_id,
-                    Enrollment.status.in_(ACTIVE_STATUSES),
-                )
+    mine = (
+        await session.execute(
+            select(
+                Enrollment.id,
+                Enrollment.course_id,
+                Enrollment.status,
+                Course.name,
+                Course.weekdays,
+                Course.start,
+                Course.end,
             )
-        ).all()
-    )
-    for existing, _ in mine:
-        if existing.course_id == course.id:
+            .join(Course, Course.id == Enrollment.course_id)
+            .where(
+                Enrollment.student_id == data.student_id,
+                Enrollment.status.in_(ACTIVE_STATUSES),
+            )
+        )
+    ).all()
+    for other in mine:
+        if other.course_id == data.course_id:
             raise rule_violation(
                 "AS-04",
                 "该学生已报名此课程。",
                 status=409,
-                enrollment_id=existing.id,
-                enrollment_status=existing.status,
+                enrollment_id=other.id,
+                enrollment_status=other.status,
             )
-    for _, other in mine:
+    for other in mine:
         if rules.slots_clash(
             (other.weekdays, other.start, other.end), (course.weekdays, course.start, course.end)
         ):
@@ -656,27 +679,18 @@ async def enroll(
                 "AS-04",
                 f"与已报名的课程“{other.name}”时间冲突：同一时段只能选一门课程。",
                 status=409,
-                clashes_with=other.id,
+                clashes_with=other.course_id,
             )
     now = utcnow()
-    enrollment = Enrollment(
-        id=new_id(),
-        course_id=course.id,
-        plan_id=plan.id,
-        school_id=course.school_id,
-        student_id=data.student_id,
-        guardian_id=principal.person_id or "",
-        consent_at=now,
-        consent_statement=data.consent_statement,
-        created_at=now,
-    )
-    if plan.window_mode == "lottery":
-        enrollment.status = "applied"
+    position: int | None = None
+    held_from: dt.datetime | None = None
+    if course.window_mode == "lottery":
+        status = "applied"
     else:
         taken = await session.execute(
             update(Course)
             .where(
-                Course.id == course.id,
+                Course.id == data.course_id,
                 Course.seats_taken < Course.capacity,
                 Course.status == "active",
             )
@@ -684,26 +698,60 @@ async def enroll(
             .execution_options(synchronize_session=False)
         )
         if taken.rowcount == 1:  # type: ignore[attr-defined]
-            enrollment.status = "held"
-            enrollment.held_from = now
+            status, held_from = "held", now
         elif not join_waitlist:
             raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
         else:
-            position = (
-                await session.execute(
-                    update(Course)
-                    .where(Course.id == course.id)
-                    .values(waitlist_seq=Course.waitlist_seq + 1)
-                    .returning(Course.waitlist_seq)
-                    .execution_options(synchronize_session=False)
-                )
-            ).scalar_one()
-            enrollment.status = "waitlisted"
-            enrollment.waitlist_position = int(position)
-    session.add(enrollment)
-    await session.flush()
-    await emit(session, _changed(enrollment, None))
-    return enrollment_out(enrollment)
+            position = int(
+                (
+                    await session.execute(
+                        update(Course)
+                        .where(Course.id == data.course_id)
+                        .values(waitlist_seq=Course.waitlist_seq + 1)
+                        .returning(Course.waitlist_seq)
+                        .execution_options(synchronize_session=False)
+                    )
+                ).scalar_one()
+            )
+            status = "waitlisted"
+    enrollment_id = new_id()
+    await session.execute(
+        insert(Enrollment).values(
+            id=enrollment_id,
+            course_id=data.course_id,
+            plan_id=course.plan_id,
+            school_id=course.school_id,
+            student_id=data.student_id,
+            guardian_id=principal.person_id or "",
+            status=status,
+            waitlist_position=position,
+            consent_at=now,
+            consent_statement=data.consent_statement,
+            created_at=now,
+            held_from=held_from,
+        )
+    )
+    await emit(
+        session,
+        ev.EnrollmentChanged(
+            id=enrollment_id,
+            course_id=data.course_id,
+            school_id=course.school_id,
+            student_id=data.student_id,
+            status=status,  # type: ignore[arg-type]
+            waitlist_position=position,
+            occurred_at=now,
+        ),
+    )
+    return schemas.EnrollmentOut(
+        id=enrollment_id,
+        course_id=data.course_id,
+        student_id=data.student_id,
+        status=status,
+        waitlist_position=position,
+        consent_at=now,
+        created_at=now,
+    )
 
 
 async def _promote(session: AsyncSession, course: Course) -> Enrollment | None:
@@ -884,7 +932,7 @@ async def student_enrollments(
             student is not None
             and (
                 await is_guardian(session, principal, student_id)
-                or is_staff(principal, student["school_id"])
+                or await teaches_student(session, principal, dict(student))
             ),
             "学生",
         )
@@ -896,3 +944,44 @@ async def student_enrollments(
             )
         ).scalars()
         return [enrollment_out(e) for e in rows]
+
+
+async def course_enrollments(
+    db: Database, principal: Principal, course_id: str
+) -> list[dict[str, Any]]:
+    """AS-04 for the school's staff: who holds or waits for a course, in order;
+    names masked (X-06) — the full name is on the course teacher's roll-call sheet."""
+    async with db.read() as session:
+        course = await session.get(Course, course_id)
+        ensure(
+            course is not None
+            and (
+                is_school_admin(principal, course.school_id)
+                or (
+                    is_staff(principal, course.school_id)
+                    and principal.person_id is not None
+                    and principal.person_id == course.teacher_id
+                )
+            ),
+            "课程",
+        )
+        assert course is not None
+        s = roster.students
+        rows = (
+            await session.execute(
+                select(Enrollment, s.c.name)
+                .join(s, s.c.id == Enrollment.student_id)
+                .where(Enrollment.course_id == course_id, Enrollment.status.in_(ACTIVE_STATUSES))
+                .order_by(Enrollment.status, Enrollment.waitlist_position, Enrollment.created_at)
+            )
+        ).all()
+        return [
+            {
+                "id": e.id,
+                "student_id": e.student_id,
+                "student_name": mask_name(name),
+                "status": e.status,
+                "waitlist_position": e.waitlist_position,
+            }
+            for e, name in rows
+        ]

@@ -82,6 +82,23 @@ async def test_as04_parent_enrolls_own_child_with_consent_only(svc, mint):
     r = await enroll(svc.client, parent_token(mint, school, 0), school.students[0], course["id"])
     assert r.status_code == 201 and r.json()["status"] == "held"
     assert await counts(svc, course["id"]) == (1, 1)
+    # Who sees the child's enrollments: the guardian, the head teacher (the
+    # fixture's teacher heads the class), the admin; not another parent, not a
+    # teacher of another class, not another school's admin.
+    url = f"/students/{school.students[0]}/enrollments"
+    other_teacher = mint("teacher", tenants=[f"school:{school.id}"], person_id=uid())
+    other = await seed_school(svc.ctx.db, students=0)
+    for token, code in [
+        (parent_token(mint, school, 0), 200),
+        (teacher, 200),
+        (admin_token(mint, school), 200),
+        (parent_token(mint, school, 1), 404),
+        (other_teacher, 404),
+        (admin_token(mint, other), 404),
+    ]:
+        assert (await svc.client.get(url, headers=auth(token))).status_code == code
+    r = await svc.client.get(f"/courses/{course['id']}/enrollments", headers=auth(other_teacher))
+    assert r.status_code == 404
 
 
 async def test_as04_idempotency_key_retried_tap_takes_one_seat(svc, mint):
@@ -151,6 +168,16 @@ async def test_as04_full_course_fifo_waitlist_and_promotion_on_withdrawal(svc, m
         "waitlisted",
     ]
     assert [r["waitlist_position"] for r in results[2:]] == [1, 2, 3]
+    # The school's staff see the list in order, names masked; others see nothing.
+    staff = mint("teacher", tenants=[f"school:{school.id}"], person_id=school.teacher_id)
+    listed = await svc.client.get(f"/courses/{course['id']}/enrollments", headers=auth(staff))
+    assert listed.status_code == 200, listed.text
+    assert [e["status"] for e in listed.json()] == ["held"] * 2 + ["waitlisted"] * 3
+    assert [e["student_name"] for e in listed.json()][:1] == ["张*0"]
+    r = await svc.client.get(
+        f"/courses/{course['id']}/enrollments", headers=auth(parent_token(mint, school, 0))
+    )
+    assert r.status_code == 404
     # A loser who does not want the waitlist is told "full" and nothing is written.
     extra = await seed_school(svc.ctx.db, students=0)
     del extra

@@ -69,7 +69,9 @@ async def events(svc, type_):
     async with svc.ctx.db.read() as session:
         rows = (
             await session.execute(
-                select(outbox_table.c.payload).where(outbox_table.c.type == type_)
+                select(outbox_table.c.payload)
+                .where(outbox_table.c.type == type_)
+                .order_by(outbox_table.c.position)
             )
         ).scalars()
         return [json.loads(p)["data"] for p in rows]
