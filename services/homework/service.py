@@ -680,6 +680,9 @@ async def publish(
                 )
             )
             await emit(session, ev.AssignmentPublished(**_facts_event(a)))
+            if await _alert_open(session, facts.id):
+                # The window may have moved on since the last report (HW-06).
+                await evaluate_burden(session, ctx, facts)
             usage = await usage_of(session, facts, rule, quotas)
     except Refused as refused:
         await refuse(ctx.db, attempt, refused.verdict)
@@ -1208,6 +1211,14 @@ async def report_time(
         if counted:
             await evaluate_burden(session, ctx, facts)
     return out
+
+
+async def _alert_open(session: AsyncSession, class_id: str) -> bool:
+    return (
+        await session.scalar(
+            select(BurdenState.open_alert_id).where(BurdenState.class_id == class_id)
+        )
+    ) is not None
 
 
 async def evaluate_burden(session: AsyncSession, ctx: ServiceContext, facts: ClassFacts) -> None:

@@ -220,3 +220,32 @@ async def test_hw06_window_moves_with_new_school_days(world: World, fixed_today)
         __import__("chassis.calendar", fromlist=["Calendar"]).Calendar(), later[-1], 7
     )
     assert r.json()[0]["close_window_start"] == window[0].isoformat()
+
+
+async def test_hw06_open_alert_closes_on_later_publishing_without_reports(
+    world: World, fixed_today
+):
+    """Families stop reporting: the next publication re-evaluates the moved
+    window (estimates where nobody reported) and closes the alert."""
+    fixed_today(TODAY)
+    for day in WINDOW:
+        aid = (
+            await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=50)
+        ).json()
+        await report(world, aid["assignment"]["id"], "P1", 80, world.parent("G1"))
+    bureau = world.bureau()
+    r = await world.client.get("/oversight/alerts", params={"status": "open"}, headers=bureau)
+    assert len(r.json()) == 1
+    # Three later school days with light homework, nobody reports: still open
+    # (4 of the last 7 school days are the heavy ones).
+    later = [D.date(2026, 11, d) for d in (23, 24, 25, 26)]
+    for day in later[:3]:
+        fixed_today(day)
+        await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=30)
+    r = await world.client.get("/oversight/alerts", params={"status": "open"}, headers=bureau)
+    assert len(r.json()) == 1
+    # The fourth pushes the heavy days to a minority: closed, with no report.
+    fixed_today(later[3])
+    await world.publish("C1", world.teacher("TM"), date=later[3], estimated_minutes=30)
+    r = await world.client.get("/oversight/alerts", headers=bureau)
+    assert [(a["status"], a["close_median_minutes"]) for a in r.json()] == [("closed", 30.0)]
