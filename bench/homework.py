@@ -240,6 +240,8 @@ async def load_district(db: Any, district: District) -> dict[str, int]:
                                     "id": uuid.uuid4().hex,
                                     "assignment_id": aid,
                                     "class_id": class_id,
+                                    "school_id": school_id,
+                                    "day": day,
                                     "student_id": f"{class_id}-st1",
                                     "minutes": int(minutes * rng.uniform(0.8, 1.8)),
                                     "reporter_id": f"{class_id}-g1",

@@ -249,3 +249,27 @@ async def test_hw06_open_alert_closes_on_later_publishing_without_reports(
     await world.publish("C1", world.teacher("TM"), date=later[3], estimated_minutes=30)
     r = await world.client.get("/oversight/alerts", headers=bureau)
     assert [(a["status"], a["close_median_minutes"]) for a in r.json()] == [("closed", 30.0)]
+
+
+async def test_hw08_reports_follow_an_assignment_moved_to_another_date(world: World, fixed_today):
+    """Oversight reads reports by the assignment's date; moving the date moves them."""
+    fixed_today(TODAY)
+    a = (
+        await world.publish("C1", world.teacher("TM"), date=WINDOW[0], estimated_minutes=20)
+    ).json()["assignment"]
+    assert (await report(world, a["id"], "P1", 40, world.parent("G1"))).status_code == 200
+    moved = await world.client.patch(
+        f"/assignments/{a['id']}", json={"date": "2026-11-17"}, headers=world.teacher("TM")
+    )
+    assert moved.status_code == 200, moved.text
+
+    async def reported(day: str) -> dict:
+        r = await world.client.get(
+            "/oversight/schools", params={"from": day, "to": day}, headers=world.bureau()
+        )
+        assert r.status_code == 200, r.text
+        grades = r.json()["schools"][0]["grades"]
+        return grades[0]["reported"] if grades else {}
+
+    assert await reported("2026-11-12") == {}
+    assert await reported("2026-11-17") == {"class_days": 1, "avg": 40.0, "p90": 40.0}
