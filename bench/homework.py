@@ -24,7 +24,8 @@ It measures, in one run:
     object-level authorization, day rule and calendar, HW-05 flags and
     screening, HW-03 quotas, the guarded HW-02 counter, revision row, outbox
     event), ``--concurrency`` at a time on distinct classes, as requests/s;
-(b) the bare GET /healthz at the same concurrency, as requests/s;
+(b) the bare GET /healthz at the same concurrency, as requests/s (and, for
+    scale, an authenticated GET /classes/{id}: token check plus one query);
 (c) single-request latency of the public weekly summary (HW-07) of random
     schools, the bureau's oversight over the whole district for four weeks
     and for the whole term (HW-08), one school's oversight, the CSV export
@@ -239,6 +240,8 @@ async def load_district(db: Any, district: District) -> dict[str, int]:
                                     "id": uuid.uuid4().hex,
                                     "assignment_id": aid,
                                     "class_id": class_id,
+                                    "school_id": school_id,
+                                    "day": day,
                                     "student_id": f"{class_id}-st1",
                                     "minutes": int(minutes * rng.uniform(0.8, 1.8)),
                                     "reporter_id": f"{class_id}-g1",
@@ -407,8 +410,13 @@ async def run(
     async def healthz(_: int) -> httpx.Response:
         return await client.get("/healthz")
 
+    async def read_class(i: int) -> httpx.Response:
+        class_id, _, _ = targets[i % len(targets)]
+        return await client.get(f"/classes/{class_id}", headers=headers[i % len(targets)])
+
     await rate(args.concurrency, 200, healthz)  # warm-up
     health_rps, _ = await rate(args.concurrency, max(len(targets), 2000), healthz)
+    read_rps, read_statuses = await rate(args.concurrency, len(targets), read_class)
     publish_rps, statuses = await rate(args.concurrency, len(targets), publish)
 
     # (c) query latencies.
@@ -473,6 +481,10 @@ async def run(
     print()
     print(
         f"  (b) GET /healthz            {health_rps:9.0f} req/s   (concurrency {args.concurrency})"
+    )
+    print(
+        f"      GET /classes/{{id}} (token + one query) {read_rps:6.0f} req/s   "
+        f"= {read_rps / health_rps:.3f} × healthz   statuses {dict(sorted(read_statuses.items()))}"
     )
     print(
         f"  (a) POST publish, all checks {publish_rps:8.0f} req/s   "

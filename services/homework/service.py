@@ -680,6 +680,9 @@ async def publish(
                 )
             )
             await emit(session, ev.AssignmentPublished(**_facts_event(a)))
+            if await _alert_open(session, facts.id):
+                # The window may have moved on since the last report (HW-06).
+                await evaluate_burden(session, ctx, facts)
             usage = await usage_of(session, facts, rule, quotas)
     except Refused as refused:
         await refuse(ctx.db, attempt, refused.verdict)
@@ -741,7 +744,7 @@ async def edit(
         declared = await declared_reason(session, facts.school_id, draft.day)
         calendar = await calendar_for(session, ctx, facts.region_id, facts.profile_id)
         used_now = await _used(session, CLASS_USAGE, {"class_id": facts.id, "day": draft.day})
-        version = a.version
+        version, old_day = a.version, a.day
         old_hold = Hold(a.day, a.subject, a.counted_minutes) if a.counted_minutes else None
     profile = class_profile(ctx, facts, draft.day)
     rule = _day_rule(facts, profile, calendar, draft.day, declared)
@@ -777,6 +780,12 @@ async def edit(
             )
             if not result.rowcount:  # type: ignore[attr-defined]
                 raise conflict("作业已被修改或撤回，请刷新后重试。")
+            if draft.day != old_day:
+                await session.execute(
+                    update(TimeReport)
+                    .where(TimeReport.assignment_id == assignment_id)
+                    .values(day=draft.day)
+                )
             quotas = await class_quotas(session, facts.id)
             new_hold = Hold(draft.day, draft.subject, draft.counted) if draft.counted else None
             await move_usage(session, facts, old_hold, new_hold, rule, quotas)
@@ -1170,6 +1179,8 @@ async def report_time(
                 id=new_id(),
                 assignment_id=assignment_id,
                 class_id=facts.id,
+                school_id=facts.school_id,
+                day=day,
                 student_id=student_id,
                 minutes=minutes,
                 reporter_id=principal.person_id or principal.subject,
@@ -1208,6 +1219,14 @@ async def report_time(
         if counted:
             await evaluate_burden(session, ctx, facts)
     return out
+
+
+async def _alert_open(session: AsyncSession, class_id: str) -> bool:
+    return (
+        await session.scalar(
+            select(BurdenState.open_alert_id).where(BurdenState.class_id == class_id)
+        )
+    ) is not None
 
 
 async def evaluate_burden(session: AsyncSession, ctx: ServiceContext, facts: ClassFacts) -> None:
@@ -1661,28 +1680,30 @@ async def oversight_report(
         # assignment counts its mean report instead of its estimate; the others
         # keep their estimates, whose sum is the class-day counter. So the load
         # is ``used + sum(mean report - estimate)`` over the reported ones.
+        # Driven from the reports (index on their school and assignment date).
         reported_assignments = (
             select(
-                Assignment.school_id,
+                TimeReport.school_id,
                 Assignment.grade,
                 Assignment.class_id,
-                Assignment.day,
+                TimeReport.day,
                 (func.avg(TimeReport.minutes) - Assignment.counted_minutes).label("delta"),
             )
-            .join(TimeReport, TimeReport.assignment_id == Assignment.id)
+            .select_from(TimeReport)
+            .join(Assignment, Assignment.id == TimeReport.assignment_id)
             .where(
-                Assignment.school_id.in_(ids),
-                Assignment.day >= date_from,
-                Assignment.day <= date_to,
+                TimeReport.school_id.in_(ids),
+                TimeReport.day >= date_from,
+                TimeReport.day <= date_to,
                 Assignment.status == "published",
                 Assignment.counted_minutes > 0,
             )
             .group_by(
-                Assignment.id,
-                Assignment.school_id,
+                TimeReport.assignment_id,
+                TimeReport.school_id,
                 Assignment.grade,
                 Assignment.class_id,
-                Assignment.day,
+                TimeReport.day,
                 Assignment.counted_minutes,
             )
             .subquery()

@@ -220,3 +220,56 @@ async def test_hw06_window_moves_with_new_school_days(world: World, fixed_today)
         __import__("chassis.calendar", fromlist=["Calendar"]).Calendar(), later[-1], 7
     )
     assert r.json()[0]["close_window_start"] == window[0].isoformat()
+
+
+async def test_hw06_open_alert_closes_on_later_publishing_without_reports(
+    world: World, fixed_today
+):
+    """Families stop reporting: the next publication re-evaluates the moved
+    window (estimates where nobody reported) and closes the alert."""
+    fixed_today(TODAY)
+    for day in WINDOW:
+        aid = (
+            await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=50)
+        ).json()
+        await report(world, aid["assignment"]["id"], "P1", 80, world.parent("G1"))
+    bureau = world.bureau()
+    r = await world.client.get("/oversight/alerts", params={"status": "open"}, headers=bureau)
+    assert len(r.json()) == 1
+    # Three later school days with light homework, nobody reports: still open
+    # (4 of the last 7 school days are the heavy ones).
+    later = [D.date(2026, 11, d) for d in (23, 24, 25, 26)]
+    for day in later[:3]:
+        fixed_today(day)
+        await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=30)
+    r = await world.client.get("/oversight/alerts", params={"status": "open"}, headers=bureau)
+    assert len(r.json()) == 1
+    # The fourth pushes the heavy days to a minority: closed, with no report.
+    fixed_today(later[3])
+    await world.publish("C1", world.teacher("TM"), date=later[3], estimated_minutes=30)
+    r = await world.client.get("/oversight/alerts", headers=bureau)
+    assert [(a["status"], a["close_median_minutes"]) for a in r.json()] == [("closed", 30.0)]
+
+
+async def test_hw08_reports_follow_an_assignment_moved_to_another_date(world: World, fixed_today):
+    """Oversight reads reports by the assignment's date; moving the date moves them."""
+    fixed_today(TODAY)
+    a = (
+        await world.publish("C1", world.teacher("TM"), date=WINDOW[0], estimated_minutes=20)
+    ).json()["assignment"]
+    assert (await report(world, a["id"], "P1", 40, world.parent("G1"))).status_code == 200
+    moved = await world.client.patch(
+        f"/assignments/{a['id']}", json={"date": "2026-11-17"}, headers=world.teacher("TM")
+    )
+    assert moved.status_code == 200, moved.text
+
+    async def reported(day: str) -> dict:
+        r = await world.client.get(
+            "/oversight/schools", params={"from": day, "to": day}, headers=world.bureau()
+        )
+        assert r.status_code == 200, r.text
+        grades = r.json()["schools"][0]["grades"]
+        return grades[0]["reported"] if grades else {}
+
+    assert await reported("2026-11-12") == {}
+    assert await reported("2026-11-17") == {"class_days": 1, "avg": 40.0, "p90": 40.0}
