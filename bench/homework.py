@@ -52,7 +52,7 @@ from typing import Any
 
 import httpx
 import structlog
-from sqlalchemy import Table
+from sqlalchemy import Table, text
 
 from chassis.auth import StaticKeySource
 from chassis.calendar import Calendar, load_school_terms
@@ -258,6 +258,11 @@ async def load_district(db: Any, district: District) -> dict[str, int]:
             await flush()
         await flush(final=True)
         counts.update(totals)
+    # Statistics for the planner, as autovacuum (PostgreSQL) or an operator's
+    # ANALYZE would have them on a database that grew over a term.
+    async with db.engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.execute(text("ANALYZE"))
     return counts
 
 
@@ -332,7 +337,6 @@ async def bench(args: argparse.Namespace) -> None:
 
 
 async def reset_postgres(url: str) -> None:
-    from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
     engine = create_async_engine(url)
