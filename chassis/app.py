@@ -6,6 +6,7 @@ to NATS in the background, and starts the outbox relay and the consumers.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from chassis.observability import Metrics, RequestContextMiddleware, configure_l
 from chassis.policy import PolicyRegistry
 
 log = structlog.get_logger("app")
+
+
+SHUTDOWN_STEP_SECONDS = 5.0
 
 
 @dataclass
@@ -117,9 +121,17 @@ def create_service_app(
         try:
             yield
         finally:
-            for consumer in ctx.consumers:
-                await consumer.stop()
-            await relay.stop()
+            # Bounded: a stop that hangs must not keep the process from exiting
+            # (what is unfinished is redelivered or relayed after restart).
+            # asyncio.wait, not wait_for: wait_for would wait for a stuck step
+            # to finish being cancelled.
+            for stopping in [*(c.stop() for c in ctx.consumers), relay.stop()]:
+                step = asyncio.ensure_future(stopping)
+                done, _ = await asyncio.wait({step}, timeout=SHUTDOWN_STEP_SECONDS)
+                if not done:
+                    log.warning("shutdown_step_timed_out", service=spec.name)
+                elif step.exception() is not None:
+                    log.warning("shutdown_step_failed", error=repr(step.exception()))
             await bus.close()
             await db.dispose()
             log.info("service_stopped", service=spec.name)

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -91,6 +92,11 @@ class ProblemDetail(BaseModel):
     model_config = {"extra": "allow"}
 
 
+RESERVED_MEMBERS = frozenset(
+    {"type", "title", "status", "detail", "instance", "rule", "errors", "request_id"}
+)
+
+
 class Problem(Exception):
     """Raise to answer with a problem document."""
 
@@ -98,6 +104,7 @@ class Problem(Exception):
         self,
         status: int,
         detail: str | None = None,
+        /,
         *,
         rule: str | None = None,
         errors: list[FieldError] | None = None,
@@ -114,7 +121,11 @@ class Problem(Exception):
         self.slug = slug or (f"rule/{rule}" if rule else SLUGS.get(status, "error"))
         self.title = title or TITLES.get(status, "错误")
         self.headers = headers
-        self.extensions = extensions
+        # An extension may not replace a standard member: `conflict(..., status="paid")`
+        # means the resource's status, so it is kept as `resource_status`.
+        self.extensions = {
+            (f"resource_{k}" if k in RESERVED_MEMBERS else k): v for k, v in extensions.items()
+        }
 
 
 def rule_violation(rule: str, detail: str, *, status: int = 422, **extensions: Any) -> Problem:
@@ -251,6 +262,15 @@ async def _integrity_handler(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _pool_timeout_handler(request: Request, exc: Exception) -> JSONResponse:
+    # Every database connection is busy (a rush): shed load, do not fail.
+    log.warning("database_pool_exhausted", path=request.url.path)
+    return problem_response(
+        request,
+        Problem(503, "系统繁忙，请稍后重试。", headers={"Retry-After": "1"}),
+    )
+
+
 def _is_chinese(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" for ch in text)
 
@@ -260,6 +280,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
     app.add_exception_handler(IntegrityError, _integrity_handler)
+    app.add_exception_handler(PoolTimeout, _pool_timeout_handler)
     app.add_exception_handler(Exception, _unhandled_handler)
 
 

@@ -15,9 +15,11 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import Response
 from pydantic import BaseModel
 from sqlalchemy import and_, delete, select, update
@@ -34,11 +36,19 @@ HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
 
 
+# A claim older than this whose request never finished (its process died) may
+# be taken over by a retry. The takeover is fenced: the old request, if it is in
+# fact still running, finds its claim gone when it tries to remember its
+# response, and its whole transaction — the money it moved — rolls back.
+CLAIM_LEASE = timedelta(seconds=60)
+
+
 @dataclass(frozen=True)
 class IdempotentRequest:
     client: str
     key: str
     fingerprint: str
+    claimed_at: datetime
 
 
 async def begin(
@@ -55,7 +65,9 @@ async def begin(
     for part in (request.method, request.url.path, request.url.query):
         digest.update(part.encode() + b"\0")
     digest.update(body)
-    claim = IdempotentRequest(principal.client_id or principal.subject, key, digest.hexdigest())
+    claim = IdempotentRequest(
+        principal.client_id or principal.subject, key, digest.hexdigest(), utcnow()
+    )
     insert = sqlite_insert if db.is_sqlite else pg_insert
     async with db.transaction() as session:
         inserted = await session.execute(
@@ -65,7 +77,7 @@ async def begin(
                 key=claim.key,
                 fingerprint=claim.fingerprint,
                 status="in_flight",
-                created_at=utcnow(),
+                created_at=claim.claimed_at,
             )
             .on_conflict_do_nothing()
         )
@@ -85,6 +97,20 @@ async def begin(
         )
     if row["fingerprint"] != claim.fingerprint:
         raise Problem(422, f"该 {HEADER} 已用于另一个不同的请求。", slug="idempotency/mismatch")
+    if row["status"] != "done" and row["created_at"] <= claim.claimed_at - CLAIM_LEASE:
+        async with db.transaction() as session:
+            taken = await session.execute(
+                update(idempotency_table)
+                .where(
+                    idempotency_table.c.client == claim.client,
+                    idempotency_table.c.key == claim.key,
+                    idempotency_table.c.status == "in_flight",
+                    idempotency_table.c.created_at == row["created_at"],
+                )
+                .values(created_at=claim.claimed_at)
+            )
+        if taken.rowcount:  # type: ignore[attr-defined]
+            return claim
     if row["status"] != "done":
         raise Problem(
             409,
@@ -103,12 +129,14 @@ async def begin(
 async def _remember(
     session: AsyncSession, claim: IdempotentRequest, status: int, body: bytes, content_type: str
 ) -> None:
-    await session.execute(
+    remembered = await session.execute(
         update(idempotency_table)
         .where(
             and_(
                 idempotency_table.c.client == claim.client,
                 idempotency_table.c.key == claim.key,
+                idempotency_table.c.status == "in_flight",
+                idempotency_table.c.created_at == claim.claimed_at,
             )
         )
         .values(
@@ -119,6 +147,9 @@ async def _remember(
             completed_at=utcnow(),
         )
     )
+    if not remembered.rowcount:  # type: ignore[attr-defined]
+        # The claim's lease ran out and a retry took it over: undo this work.
+        raise ClaimLost
 
 
 async def _release(db: Database, claim: IdempotentRequest) -> None:
@@ -128,14 +159,19 @@ async def _release(db: Database, claim: IdempotentRequest) -> None:
                 idempotency_table.c.client == claim.client,
                 idempotency_table.c.key == claim.key,
                 idempotency_table.c.status == "in_flight",
+                idempotency_table.c.created_at == claim.claimed_at,
             )
         )
+
+
+class ClaimLost(Exception):
+    pass
 
 
 def _encode(result: Any) -> bytes:
     if isinstance(result, BaseModel):
         return result.model_dump_json().encode()
-    return json.dumps(result, ensure_ascii=False, default=str).encode()
+    return json.dumps(jsonable_encoder(result), ensure_ascii=False).encode()
 
 
 async def run(
@@ -151,6 +187,22 @@ async def run(
     answer. A crash or 5xx releases the key so the client may retry.
     """
     try:
+        return await _run_once(db, claim, work, status_code)
+    except ClaimLost:
+        raise Problem(
+            409,
+            "该请求处理超时，已由使用同一幂等键的重试接管；本次处理未生效。",
+            slug="idempotency/in-flight",
+        ) from None
+
+
+async def _run_once(
+    db: Database,
+    claim: IdempotentRequest,
+    work: Callable[[AsyncSession], Awaitable[Any]],
+    status_code: int,
+) -> Response:
+    try:
         async with db.transaction() as session:
             body = _encode(await work(session))
             await _remember(session, claim, status_code, body, "application/json")
@@ -163,6 +215,8 @@ async def run(
         async with db.transaction() as session:
             await _remember(session, claim, problem.status, body, PROBLEM_MEDIA_TYPE)
         return Response(body, status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE)
+    except ClaimLost:
+        raise
     except BaseException:
         await _release(db, claim)
         raise

@@ -7,6 +7,7 @@ import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from chassis.db import Database
 from chassis.errors import Problem, install_problem_handlers, rule_violation
@@ -43,6 +44,17 @@ def _app() -> FastAPI:
         async with app.state.db.transaction() as session:
             await session.execute(text("INSERT INTO codes (code) VALUES (:c)"), {"c": code})
         return {"code": code}
+
+    @app.get("/rush")
+    async def rush() -> None:
+        engine = create_async_engine(
+            app.state.db.url, pool_size=1, max_overflow=0, pool_timeout=0.1
+        )
+        try:
+            async with engine.connect(), engine.connect():  # the second waits, then times out
+                pass
+        finally:
+            await engine.dispose()
 
     return app
 
@@ -104,6 +116,12 @@ async def test_x03_lost_uniqueness_race_is_409_problem_not_500(client):
     again = await client.post("/codes/91350100M000100Y43")
     body = _is_problem(again, 409)
     assert "UNIQUE" not in body["detail"] and "codes" not in body["detail"]  # no internals
+
+
+async def test_x03_exhausted_connection_pool_is_503_with_retry_after(client):
+    r = await client.get("/rush")
+    _is_problem(r, 503)
+    assert r.headers["retry-after"] == "1"
 
 
 async def test_request_id_is_propagated_when_given(client):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from datetime import date, timedelta
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from pydantic import BaseModel
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select, update
 
 from chassis import idempotency
 from chassis.auth import Principal
-from chassis.db import Database
+from chassis.db import Database, utcnow
 from chassis.errors import Problem, install_problem_handlers
 from chassis.messaging import messaging_metadata
 
@@ -142,3 +145,91 @@ async def test_refusal_is_remembered_too(setup):
         await s.execute(update(seats).values(left=1))
     retry = await client.post("/enroll", json={"student": "z"}, headers=headers)
     assert retry.status_code == 409 and retry.content == full.content
+
+
+BODY = b'{"student": "a"}'
+
+
+async def _age_claim(db, key: str, seconds: float) -> None:
+    async with db.transaction() as s:
+        await s.execute(
+            update(messaging_metadata.tables["idempotency_keys"])
+            .where(messaging_metadata.tables["idempotency_keys"].c.key == key)
+            .values(created_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+async def test_claim_left_by_a_dead_request_is_taken_over_after_its_lease(setup):
+    db, client = setup
+    headers = {"x-user": "p1", "Idempotency-Key": "orphan"}
+    principal = Principal(subject="p1", kind="user", roles=frozenset({"parent"}))
+    request = _request("/enroll", BODY, headers)
+    claim = await idempotency.begin(db, request, principal)  # ... and the process dies
+    assert isinstance(claim, idempotency.IdempotentRequest)
+    soon = await client.post("/enroll", content=BODY, headers=headers)
+    assert soon.status_code == 409  # still within the lease: maybe it is running
+    await _age_claim(db, "orphan", idempotency.CLAIM_LEASE.total_seconds() + 1)
+    later = await client.post("/enroll", content=BODY, headers=headers)
+    assert later.status_code == 201 and await _count(db) == 1
+
+
+async def test_request_whose_claim_was_taken_over_rolls_back_its_work(setup):
+    """Fencing: the slow original must not move anything once a retry owns the key."""
+    db, client = setup
+    headers = {"x-user": "p1", "Idempotency-Key": "slow"}
+    principal = Principal(subject="p1", kind="user", roles=frozenset({"parent"}))
+    request = _request("/enroll", BODY, headers)
+    slow_claim = await idempotency.begin(db, request, principal)
+    assert isinstance(slow_claim, idempotency.IdempotentRequest)
+    await _age_claim(db, "slow", idempotency.CLAIM_LEASE.total_seconds() + 1)
+    retry = await client.post("/enroll", content=BODY, headers=headers)
+    assert retry.status_code == 201
+
+    async def slow_work(session):
+        await session.execute(taken.insert().values(student="a-twice"))
+        return {"student": "a"}
+
+    with pytest.raises(Problem) as refused:
+        await idempotency.run(db, slow_claim, slow_work, status_code=201)
+    assert refused.value.status == 409
+    assert await _count(db) == 1  # the slow request's insert rolled back
+    replay = await client.post("/enroll", content=BODY, headers=headers)
+    assert replay.content == retry.content
+
+
+async def test_list_of_models_is_remembered_as_json(setup):
+    db, _ = setup
+    principal = Principal(subject="p1", kind="user", roles=frozenset({"parent"}))
+    request = _request("/list", b"{}", {"Idempotency-Key": "list"})
+    claim = await idempotency.begin(db, request, principal)
+    assert isinstance(claim, idempotency.IdempotentRequest)
+
+    async def work(session):
+        return [Seat(student="a", on=date(2026, 9, 1)), Seat(student="b", on=date(2026, 9, 2))]
+
+    response = await idempotency.run(db, claim, work)
+    assert json.loads(response.body) == [
+        {"student": "a", "on": "2026-09-01"},
+        {"student": "b", "on": "2026-09-02"},
+    ]
+
+
+class Seat(BaseModel):
+    student: str
+    on: date
+
+
+def _request(path: str, body: bytes, headers: dict[str, str]) -> Request:
+    raw_headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "query_string": b"",
+        "headers": raw_headers,
+    }
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, receive)

@@ -98,6 +98,7 @@ async def test_x02_licence_events_reach_jetstream_with_the_facts_consumers_need(
     reg = tokens.regulator("sports")
     await licensed(c, tokens, "org-js", name="流式体育")
     await act(c, reg, "org-js", "suspend", reason="消防整改")
+
     async def published() -> list[dict]:
         try:
             js = inst.ctx.bus.js  # raises until the bus has connected
