@@ -93,14 +93,16 @@ class TenantGraph:
         self.parents = {r.child: r.parent for r in rows}
 
     async def learn(self, session: AsyncSession, pairs: Iterable[tuple[str, str]]) -> None:
+        # Always written, not only when new to memory: the memory is updated
+        # before the transaction commits, and a batch that rolls back must not
+        # leave a link known here but missing from the database.
         for child, parent in pairs:
-            if self.parents.get(child) != parent:
-                await upsert(
-                    session,
-                    tenant_links,
-                    {"child": child, "parent": parent, "updated_at": utcnow()},
-                )
-                self.parents[child] = parent
+            await upsert(
+                session,
+                tenant_links,
+                {"child": child, "parent": parent, "updated_at": utcnow()},
+            )
+            self.parents[child] = parent
 
     def expand(self, tenants: Iterable[str]) -> set[str]:
         out = set(tenants)
