@@ -80,6 +80,7 @@ def create_app(
         trusted=parse_networks(settings.trusted_proxies),
         metrics_networks=parse_networks(settings.metrics_networks),
     )
+    rt.proxy = Proxy(rt)
     api = create_api()
     api.state.webhook_scope = settings.webhook_scope
 
@@ -258,7 +259,7 @@ def create_app(
             Route("/asyncapi.json", asyncapi_json),
             Route("/asyncapi", asyncapi_page),
             Mount("/api/v1/gateway", app=api),
-            Route("/api/v1/{service}/{path:path}", Proxy(rt)),
+            Route("/api/v1/{service}/{path:path}", rt.proxy),
         ],
         middleware=[Middleware(EdgeMiddleware, runtime=rt)],
         exception_handlers={HTTPException: http_error},

@@ -94,6 +94,7 @@ class Runtime:
     route_label: Callable[[str, str], str | None] = lambda service, path: None
     notice_up: Callable[[str], None] = lambda service: None
     extras: dict[str, Any] = field(default_factory=dict)
+    proxy: Proxy | None = None
 
     @property
     def services(self) -> set[str]:
@@ -182,7 +183,12 @@ class EdgeMiddleware:
                 if problem is not None:
                     await send_problem(scope, send_wrapper, problem)
                     return
-            await self.app(scope, receive, send_wrapper)
+            if state.get("gw_service") in rt.upstreams and rt.proxy is not None:
+                # The hot path goes straight to the proxy, past the router and
+                # Starlette's exception middlewares (measurably cheaper).
+                await self._forward(scope, receive, send_wrapper, state)
+            else:
+                await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
             route = self._route(scope, state)
@@ -201,6 +207,30 @@ class EdgeMiddleware:
                     client_ip=ip,
                 )
             request_id_var.reset(ctx)
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any]
+    ) -> None:
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        assert self.rt.proxy is not None
+        try:
+            await self.rt.proxy(scope, receive, tracking)
+        except Exception:
+            if started:
+                raise  # the status is gone: the connection is cut short
+            service = state["gw_service"]
+            log.exception("proxy_failed", upstream=service)
+            name = SERVICE_NAMES_ZH.get(service, service)
+            await send_problem(
+                scope, tracking, Problem(502, f"{name}（{service}）暂不可用。", service=service)
+            )
 
     async def _edge(
         self, scope: Scope, state: dict[str, Any], authorization: bytes | None, ip: str
