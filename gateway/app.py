@@ -262,7 +262,7 @@ def create_app(
             Route("/api/v1/{service}/{path:path}", rt.proxy),
         ],
         middleware=[Middleware(EdgeMiddleware, runtime=rt)],
-        exception_handlers={HTTPException: http_error},
+        exception_handlers={HTTPException: http_error, Exception: http_error},
         lifespan=lifespan,
     )
     app.state.runtime = rt
