@@ -24,6 +24,7 @@ from contracts.identity import SchoolUpserted, StudentUpserted
 from gateway.webhooks.signing import webhook_headers
 from launcher.nats_server import EmbeddedNats
 from services.identity.tokens import TokenIssuer
+from tests.conftest import StartService
 from tests.gateway.conftest import Gateway, MakeGateway, Served, client_token
 from tests.support import auth, eventually
 
@@ -461,3 +462,63 @@ def test_gw05_gateway_database_is_migrated_by_the_command_line(
     with sqlite3.connect(tmp_path / "var" / "gateway.sqlite3") as db:
         tables = {r[0] for r in db.execute("select name from sqlite_master where type='table'")}
     assert {"webhook_subscriptions", "webhook_deliveries", "webhook_secrets", "inbox"} <= tables
+
+
+async def test_gw05_platform_registered_in_identity_gets_identity_events_of_its_region(
+    start_service: StartService,
+    served: Served,
+    make_gateway: MakeGateway,
+    nats_server: EmbeddedNats,
+    receiver: Receiver,
+) -> None:
+    from services.identity import schemas as id_schemas
+    from services.identity import service as id_service
+
+    identity = await start_service("identity")
+    db = identity.ctx.db
+    gateway = await make_gateway(
+        upstreams={"identity": await served.start(identity.app)},
+        webhooks_enabled=True,
+        nats_url=nats_server.url,
+        webhook_poll_seconds=0.05,
+    )
+    client, secret = await id_service.create_client(
+        db, id_schemas.ClientIn(name="家校平台", scopes=["webhooks"], tenants=["region:jinhua"])
+    )
+    # The platform logs in through the gateway (client credentials, a public route).
+    login = await gateway.client.post(
+        "/api/v1/identity/oauth/token",
+        data={
+            "grant_type": "client_credentials",
+            "client_id": client.client_id,
+            "client_secret": secret,
+            "scope": "webhooks",
+        },
+    )
+    assert login.status_code == 200, login.text
+    token = login.json()["access_token"]
+    sub = await subscribe(
+        gateway, token, f"{receiver.url}/platform", event_types=["identity.school.*"]
+    )
+    for region, profile in (("jinhua", "jinhua"), ("wangcheng", "changsha-wangcheng")):
+        await id_service.upsert_region(
+            db, id_schemas.RegionIn(id=region, name=region, profile_id=profile)
+        )
+    theirs = await id_service.create_school(
+        db,
+        id_schemas.SchoolIn(
+            region_id="wangcheng", name="望城一小", school_system="6-3", stage="primary"
+        ),
+    )
+    ours = await id_service.create_school(
+        db,
+        id_schemas.SchoolIn(
+            region_id="jinhua", name="金华一小", school_system="6-3", stage="primary"
+        ),
+    )
+    (message,) = await delivered(receiver, "/platform")
+    payload = Webhook(sub["secret"]).verify(message["body"], message["headers"])
+    assert payload["type"] == SchoolUpserted.TYPE and payload["data"]["id"] == ours.id
+    await asyncio.sleep(0.5)
+    assert [json.loads(m["body"])["data"]["id"] for m in receiver.at("/platform")] == [ours.id]
+    assert theirs.id != ours.id
