@@ -41,6 +41,8 @@ class Served:
             log_level="warning",
             access_log=False,
             log_config=None,
+            # A test that leaves a request in flight must not hold up the rest.
+            timeout_graceful_shutdown=5,
         )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
@@ -57,7 +59,7 @@ class Served:
     async def stop(self, url: str) -> None:
         server, task = self.servers.pop(url)
         server.should_exit = True
-        await asyncio.wait_for(task, 15)
+        await asyncio.wait_for(task, 30)
 
     async def stop_all(self) -> None:
         for url in list(self.servers)[::-1]:

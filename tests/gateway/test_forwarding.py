@@ -234,3 +234,24 @@ async def test_gw01_slow_service_is_a_504_after_its_own_timeout(
     # The per-upstream timeout is per upstream: homework keeps the default (15 s).
     fast = await gateway.client.get("/api/v1/homework/slow", headers=auth(mint("parent")))
     assert fast.status_code == 200
+
+
+async def test_gw01_service_stopped_while_running_turns_into_502_then_recovers(
+    served: Served, make_gateway: MakeGateway, mint: Any
+) -> None:
+    from launcher.nats_server import free_port
+
+    port = free_port()
+    echo = Echo()
+    url = await served.start(echo, port=port)
+    gateway = await make_gateway(upstreams={"institutions": url}, rate_limit_enabled=False)
+    token = auth(mint("regulator"))
+    assert (await gateway.client.get("/api/v1/institutions/x", headers=token)).status_code == 200
+    await served.stop(url)  # the pooled keep-alive connection now leads nowhere
+    for method in ("GET", "POST"):
+        down = await gateway.client.request(method, "/api/v1/institutions/x", headers=token)
+        assert down.status_code == 502, down.text
+        assert down.json()["service"] == "institutions"
+        assert "机构监管服务" in down.json()["detail"]
+    await served.start(echo, port=port)
+    assert (await gateway.client.get("/api/v1/institutions/x", headers=token)).status_code == 200
