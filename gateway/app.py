@@ -234,7 +234,7 @@ def create_app(
             plat = rt.extras.get("platform") or platform_settings()
             doc = asyncapi.build_asyncapi(EVENT_TYPES, nats_url=plat.nats_url)
             asyncapi_cache.update(key=key, doc=doc, html=asyncapi.render_html(doc))
-        return asyncapi_cache  # type: ignore[return-value]
+        return asyncapi_cache
 
     async def asyncapi_json(_: Request) -> Response:
         return JSONResponse(asyncapi_doc()["doc"])

@@ -82,7 +82,7 @@ GATEWAY_SECURITY_SCHEMES: dict[str, Any] = {
         },
     },
 }
-GATEWAY_SECURITY = [{BEARER: []}, {OAUTH2: []}]
+GATEWAY_SECURITY: list[dict[str, list[str]]] = [{BEARER: []}, {OAUTH2: []}]
 INTRO = """\
 双减治理平台的统一入口（GW-01）。所有接口都在 `/api/v1/<服务>/...` 之下：
 identity（身份与名册）、homework（作业公示与负担监测）、afterschool（课后服务）、

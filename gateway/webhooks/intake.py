@@ -21,7 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import utcnow
-from chassis.messaging import Subscription
+from chassis.messaging import Handler, Subscription
 from contracts.base import EVENT_TYPES, STREAMS, Envelope
 from gateway.config import GatewaySettings
 from gateway.webhooks import models as m
@@ -56,12 +56,14 @@ class Intake:
     def subscriptions(self) -> list[Subscription]:
         subs = []
         for producer in STREAMS:
-            handlers = {t: self.handle for t in EVENT_TYPES if t.split(".", 1)[0] == producer}
+            handlers: dict[str, Handler] = {
+                t: self.handle for t in EVENT_TYPES if t.split(".", 1)[0] == producer
+            }
             subs.append(
                 Subscription(
                     name=f"webhooks-{producer}",
                     producer=producer,
-                    handlers=handlers,  # type: ignore[dict-item]
+                    handlers=handlers,
                     filter_subjects=[f"{producer}.>"],
                     max_deliver=20,
                     ack_wait=30.0,
