@@ -200,8 +200,12 @@ async def test_gw05_signature_verified_independently_tampering_stale_and_replays
 
     # A replay (manual, by the platform) carries the same webhook-id with a
     # fresh timestamp: authentic, and a receiver that remembers ids drops it.
-    (row,) = await deliveries(gateway, token, sub["id"])
-    assert row["status"] == "succeeded" and row["event_id"] == envelope.id
+    async def recorded() -> dict[str, Any] | None:
+        rows = await deliveries(gateway, token, sub["id"])
+        return rows[0] if rows and rows[0]["status"] == "succeeded" else None
+
+    row = await eventually(recorded, timeout=5)  # the answer is logged just after it arrives
+    assert row["event_id"] == envelope.id
     replay = await gateway.client.post(
         f"/api/v1/gateway/webhooks/subscriptions/{sub['id']}/deliveries/{row['id']}/replay",
         headers=auth(token),
