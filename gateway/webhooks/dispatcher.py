@@ -195,7 +195,7 @@ class Dispatcher:
                 return await self._send(row, keys.get(row.subscription_id, []))
 
         outcomes = await asyncio.gather(*(one(r) for r in rows))
-        await self._record(outcomes)
+        await self._record(outcomes, lease)
         return len(rows)
 
     async def _send(self, row: Any, secrets: list[str]) -> Outcome:
@@ -251,7 +251,9 @@ class Dispatcher:
         self.metrics.webhook_latency.observe(duration)
         return outcome
 
-    async def _record(self, outcomes: list[Outcome]) -> None:
+    async def _record(self, outcomes: list[Outcome], lease: Any) -> None:
+        # Only a delivery still under this pass's lease is updated: one the
+        # platform replayed meanwhile stays due (its attempt is logged all the same).
         d, s = m.deliveries, m.subscriptions
         now = utcnow()
         async with self.db.transaction() as session:
@@ -293,7 +295,11 @@ class Dispatcher:
                         values.update(status="failed", next_attempt_at=None)
                     else:
                         values.update(next_attempt_at=retry_at)
-                await session.execute(update(d).where(d.c.id == o.delivery_id).values(**values))
+                await session.execute(
+                    update(d)
+                    .where(d.c.id == o.delivery_id, d.c.next_attempt_at == lease)
+                    .values(**values)
+                )
         for o in outcomes:
             if not o.ok:
                 log.info(
