@@ -1,167 +1,298 @@
-"""The gateway: one door, `/api/v1/<service>/...`, to every service (GW-01).
+"""The gateway: one door, `/api/v1/<service>/...`, to every service (GW-01..GW-05).
 
-A pure ASGI proxy on one pooled aiohttp session: the request body streams to
-the upstream and the reply streams back; the Authorization header passes
-unchanged because services verify tokens themselves.
+A pure ASGI proxy on one pooled aiohttp session (see proxy.py) behind a
+pure ASGI edge middleware: request ids, token check, rate limits, metrics
+and access logs. Beside it: the merged OpenAPI document and its docs pages,
+the AsyncAPI document of the integration events, aggregated readiness, and
+the webhook subscriptions API (`/api/v1/gateway/webhooks/...`) with the
+JetStream consumers and the dispatcher that deliver signed webhooks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import uuid
+import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
 
-from chassis.config import platform_settings
+from chassis.auth import JwksKeySource, KeySource, TokenVerifier
+from chassis.config import PlatformSettings, platform_settings
+from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from chassis.events import Bus
+from chassis.messaging import EventConsumer
+from chassis.migrations import upgrade_async
 from chassis.observability import configure_logging
+from contracts.base import EVENT_TYPES
+from gateway import asyncapi, docs
 from gateway.config import GatewaySettings
+from gateway.edge import CachedVerifier, PublicRoutes, in_networks, parse_networks
+from gateway.proxy import EdgeMiddleware, Proxy, Runtime
+from gateway.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
+from gateway.telemetry import AccessLog, GatewayMetrics
+from gateway.webhooks.api import WebhookContext, create_api
+from gateway.webhooks.dispatcher import Dispatcher
+from gateway.webhooks.intake import Intake
+from gateway.webhooks.tenants import TenantGraph
 
 log = structlog.get_logger("gateway")
 
-# RFC 9110 §7.6.1 connection-specific headers are not forwarded.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-    }
-)
-SERVICE_NAMES_ZH = {
-    "identity": "身份服务",
-    "homework": "作业服务",
-    "afterschool": "课后服务",
-    "institutions": "机构监管服务",
-    "funds": "资金监管服务",
-}
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+READY_CACHE_SECONDS = 1.0
 
 
-def _problem(request: Request, problem: Problem) -> JSONResponse:
+def _problem(request: Request, problem: Problem, **extra: Any) -> JSONResponse:
+    body = problem_body(request, problem)
+    body.update(extra)
     return JSONResponse(
-        problem_body(request, problem),
-        status_code=problem.status,
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers=problem.headers,
+        body, status_code=problem.status, media_type=PROBLEM_MEDIA_TYPE, headers=problem.headers
     )
 
 
-def create_app(settings: GatewaySettings | None = None) -> Starlette:
+def create_app(
+    settings: GatewaySettings | None = None,
+    *,
+    platform: PlatformSettings | None = None,
+    key_source: KeySource | None = None,
+) -> Starlette:
     settings = settings or GatewaySettings()
     upstreams = settings.upstreams()
+    metrics = GatewayMetrics()
+    public = PublicRoutes(settings.public_routes)
+    rt = Runtime(
+        settings=settings,
+        upstreams=upstreams,
+        metrics=metrics,
+        access_log=AccessLog(settings.access_log),
+        public=public,
+        trusted=parse_networks(settings.trusted_proxies),
+        metrics_networks=parse_networks(settings.metrics_networks),
+    )
+    rt.proxy = Proxy(rt)
+    api = create_api()
+    api.state.webhook_scope = settings.webhook_scope
+
+    def docs_changed(_: set[str]) -> None:
+        for name in upstreams:
+            metrics.docs_services.labels(name).set(1 if name in registry.specs else 0)
+
+    registry = docs.DocsRegistry(
+        settings, upstreams, own_spec=api.openapi, public=public, on_change=docs_changed
+    )
+    rt.route_label = registry.route_label
+    rt.notice_up = registry.notice_up
+    asyncapi_cache: dict[str, Any] = {}
+    ready_cache: dict[str, Any] = {"at": 0.0, "services": {}}
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        platform = platform_settings()
-        configure_logging(platform.log_level, platform.log_json)
-        connector = aiohttp.TCPConnector(limit=512, limit_per_host=256, ttl_dns_cache=300)
-        app.state.http = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(
-                total=settings.upstream_timeout_seconds, connect=settings.connect_timeout_seconds
-            ),
-        )
-        try:
+        plat = platform or platform_settings()
+        rt.extras["platform"] = plat
+        configure_logging(plat.log_level, plat.log_json)
+        async with AsyncExitStack() as stack:
+            rt.timeouts = {
+                name: aiohttp.ClientTimeout(
+                    total=settings.timeout_for(name), connect=settings.connect_timeout_seconds
+                )
+                for name in upstreams
+            }
+            connector = aiohttp.TCPConnector(
+                limit=1024, limit_per_host=512, ttl_dns_cache=300, keepalive_timeout=4.0
+            )
+            rt.http = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),  # never carry one caller's cookies to another
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                trust_env=False,
+            )
+            stack.push_async_callback(rt.http.close)
+            rt.verifier = CachedVerifier(
+                TokenVerifier(
+                    key_source or JwksKeySource(plat.auth_jwks_url),
+                    issuer=plat.auth_issuer,
+                    audience=plat.auth_audience,
+                ),
+                size=settings.token_cache_size,
+            )
+            if settings.rate_limit_enabled:
+                store: BucketStore = (
+                    RedisBuckets(settings.redis_url, prefix=settings.redis_key_prefix)
+                    if settings.redis_url
+                    else MemoryBuckets()
+                )
+                rt.limiter = RateLimiter(settings.rate_limits, store)
+                stack.push_async_callback(rt.limiter.close)
+            registry.start(rt.http)
+            stack.push_async_callback(registry.stop)
+            if settings.webhooks_enabled:
+                await _start_webhooks(stack, settings, plat, rt, api)
+            log.info(
+                "gateway_started",
+                port=settings.port,
+                upstreams=upstreams,
+                redis=bool(settings.redis_url),
+                webhooks=settings.webhooks_enabled,
+            )
             yield
-        finally:
-            await app.state.http.close()
-
-    async def proxy(request: Request) -> Response:
-        service = request.path_params["service"]
-        base = upstreams.get(service)
-        if base is None:
-            return _problem(request, Problem(404, f"没有名为 {service} 的服务。"))
-        path = request.path_params["path"]
-        url = f"{base}/{path}"
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        request.state.request_id = request_id
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        headers.append(("x-forwarded-for", request.client.host if request.client else ""))
-        if "x-request-id" not in request.headers:
-            headers.append(("x-request-id", request_id))
-        body = await request.body()
-        http: aiohttp.ClientSession = request.app.state.http
-        try:
-            upstream = await http.request(
-                request.method,
-                url,
-                params=list(request.query_params.multi_items()),
-                headers=headers,
-                data=body or None,
-                allow_redirects=False,
-            )
-        except TimeoutError:
-            return _problem(
-                request,
-                Problem(
-                    504, f"{SERVICE_NAMES_ZH[service]}（{service}）响应超时。", service=service
-                ),
-            )
-        except aiohttp.ClientError:
-            return _problem(
-                request,
-                Problem(
-                    502, f"{SERVICE_NAMES_ZH[service]}（{service}）暂不可用。", service=service
-                ),
-            )
-        response_headers = {
-            k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP
-        }
-        response_headers["x-request-id"] = request_id
-
-        async def stream() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in upstream.content.iter_any():
-                    yield chunk
-            finally:
-                upstream.release()
-
-        return StreamingResponse(stream(), status_code=upstream.status, headers=response_headers)
+        log.info("gateway_stopped")
 
     async def healthz(_: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    async def readyz(request: Request) -> Response:
-        http: aiohttp.ClientSession = request.app.state.http
+    async def own_checks() -> dict[str, str]:
+        checks: dict[str, str] = {}
+        db: Database | None = rt.extras.get("db")
+        if db is not None:
+            try:
+                await asyncio.wait_for(db.ping(), 2)
+                checks["database"] = "ok"
+            except Exception as exc:
+                checks["database"] = f"error: {type(exc).__name__}"
+        bus: Bus | None = rt.extras.get("bus")
+        if bus is not None:
+            checks["nats"] = "ok" if bus.connected else "disconnected"
+        store = rt.limiter.store if rt.limiter is not None else None
+        if isinstance(store, RedisBuckets):
+            checks["redis"] = "ok" if await store.ping() else "down"
+        return checks
+
+    async def service_checks() -> dict[str, str]:
+        if time.monotonic() - ready_cache["at"] < READY_CACHE_SECONDS:
+            return dict(ready_cache["services"])
+        assert rt.http is not None
+        http = rt.http
 
         async def check(name: str, base: str) -> tuple[str, str]:
             try:
                 async with http.get(f"{base}/readyz", timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    return name, "ok" if r.status == 200 else f"status {r.status}"
+                    if r.status == 200:
+                        rt.notice_up(name)
+                        return name, "ok"
+                    return name, f"status {r.status}"
             except (aiohttp.ClientError, TimeoutError):
                 return name, "down"
 
-        checks = dict(await asyncio.gather(*(check(n, b) for n, b in upstreams.items())))
-        if all(v == "ok" for v in checks.values()):
-            return JSONResponse({"status": "ready", "services": checks})
-        body: dict[str, Any] = problem_body(
-            request,
-            Problem(503, "部分服务未就绪：" + "，".join(k for k, v in checks.items() if v != "ok")),
-        )
-        body["services"] = checks
-        return JSONResponse(body, status_code=503, media_type=PROBLEM_MEDIA_TYPE)
+        services = dict(await asyncio.gather(*(check(n, b) for n, b in upstreams.items())))
+        ready_cache.update(at=time.monotonic(), services=services)
+        return services
 
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-    return Starlette(
+    async def readyz(request: Request) -> Response:
+        services, own = await asyncio.gather(service_checks(), own_checks())
+        if all(v == "ok" for v in services.values()) and all(v == "ok" for v in own.values()):
+            return JSONResponse({"status": "ready", "services": services, "gateway": own})
+        down = [k for k, v in services.items() if v != "ok"]
+        down += [f"网关的{k}" for k, v in own.items() if v != "ok"]
+        return _problem(
+            request,
+            Problem(503, "部分服务未就绪：" + "，".join(down) + "。"),
+            services=services,
+            gateway=own,
+        )
+
+    async def readyz_self(request: Request) -> Response:
+        own = await own_checks()
+        if all(v == "ok" for v in own.values()):
+            return JSONResponse({"status": "ready", "gateway": own})
+        return _problem(request, Problem(503, "网关自身未就绪。"), gateway=own)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        state = request.scope.get("state", {})
+        if state.get("forwarded_for") or not in_networks(
+            state.get("peer", ""), rt.metrics_networks
+        ):
+            return _problem(request, Problem(404))
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi_json(_: Request) -> Response:
+        return Response(registry.document_bytes, media_type="application/json")
+
+    async def swagger(_: Request) -> Response:
+        return HTMLResponse(docs.swagger_html())
+
+    async def swagger_redirect(_: Request) -> Response:
+        return HTMLResponse(docs.swagger_redirect_html())
+
+    async def redoc(_: Request) -> Response:
+        return HTMLResponse(docs.redoc_html())
+
+    def asyncapi_doc() -> dict[str, Any]:
+        key = len(EVENT_TYPES)
+        if asyncapi_cache.get("key") != key:
+            plat = rt.extras.get("platform") or platform_settings()
+            doc = asyncapi.build_asyncapi(EVENT_TYPES, nats_url=plat.nats_url)
+            asyncapi_cache.update(key=key, doc=doc, html=asyncapi.render_html(doc))
+        return asyncapi_cache
+
+    async def asyncapi_json(_: Request) -> Response:
+        return JSONResponse(asyncapi_doc()["doc"])
+
+    async def asyncapi_page(_: Request) -> Response:
+        return HTMLResponse(asyncapi_doc()["html"])
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 500
+        return _problem(request, Problem(status, headers=getattr(exc, "headers", None)))
+
+    app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/api/v1/{service}/{path:path}", proxy, methods=methods),
+            Route("/readyz/self", readyz_self),
+            Route("/metrics", metrics_endpoint),
+            Route("/openapi.json", openapi_json),
+            Route("/docs", swagger),
+            Route("/docs/oauth2-redirect", swagger_redirect),
+            Route("/redoc", redoc),
+            Route("/asyncapi.json", asyncapi_json),
+            Route("/asyncapi", asyncapi_page),
+            Mount("/api/v1/gateway", app=api),
+            Route("/api/v1/{service}/{path:path}", rt.proxy),
         ],
+        middleware=[Middleware(EdgeMiddleware, runtime=rt)],
+        exception_handlers={HTTPException: http_error, Exception: http_error},
         lifespan=lifespan,
     )
+    app.state.runtime = rt
+    app.state.docs = registry
+    app.state.webhooks_api = api
+    return app
+
+
+async def _start_webhooks(
+    stack: AsyncExitStack, settings: GatewaySettings, plat: PlatformSettings, rt: Runtime, api: Any
+) -> None:
+    url = settings.resolved_database_url(plat)
+    if settings.run_migrations:
+        await upgrade_async(MIGRATIONS_DIR, url)
+    db = Database(url, service="gateway", pool_size=settings.db_pool_size)
+    stack.push_async_callback(db.dispose)
+    rt.extras["db"] = db
+    graph = TenantGraph()
+    await graph.load(db)
+    dispatcher = Dispatcher(db, settings, rt.metrics)
+    dispatcher.start()
+    stack.push_async_callback(dispatcher.stop)
+    bus = Bus(plat.nats_servers, name="gateway")
+    bus.start()
+    stack.push_async_callback(bus.close)
+    rt.extras["bus"] = bus
+    intake = Intake(settings, graph, dispatcher.wake)
+    for subscription in intake.subscriptions():
+        consumer = EventConsumer(db, bus, subscription, service="gateway", metrics=rt.metrics)
+        consumer.start()
+        stack.push_async_callback(consumer.stop)
+    rt.extras.update(dispatcher=dispatcher, intake=intake, graph=graph)
+    api.state.webhooks = WebhookContext(db=db, settings=settings, wake=dispatcher.wake)

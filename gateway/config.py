@@ -174,6 +174,8 @@ class GatewaySettings(BaseSettings):
     # learned yet is retried for this long before region subscribers miss it.
     webhook_tenant_wait_seconds: float = 60.0
     webhook_secret_overlap_seconds: int = 24 * 3600
+    webhook_log_retention_days: int = 30
+    webhook_max_subscriptions: int = 20
 
     def upstreams(self) -> dict[str, str]:
         return {name: getattr(self, f"upstream_{name}").rstrip("/") for name in DOMAIN_SERVICES}

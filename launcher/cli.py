@@ -27,17 +27,28 @@ ALL_SERVICES = (*DOMAIN_SERVICES, "gateway")
 
 
 def _migrations_dir(name: str) -> Path:
+    if name == "gateway":
+        from gateway.app import MIGRATIONS_DIR
+
+        return MIGRATIONS_DIR
     module = importlib.import_module(f"services.{name}.app")
     return Path(module.SPEC.migrations_dir)
+
+
+def _database_url(name: str) -> str:
+    platform = platform_settings()
+    if name == "gateway":
+        from gateway.config import GatewaySettings
+
+        return GatewaySettings().resolved_database_url(platform)
+    return service_settings(name).resolved_database_url(platform)
 
 
 def migrate(names: list[str]) -> None:
     from chassis.migrations import upgrade
 
-    platform = platform_settings()
     for name in names:
-        url = service_settings(name).resolved_database_url(platform)
-        upgrade(_migrations_dir(name), url)
+        upgrade(_migrations_dir(name), _database_url(name))
         print(f"migrated {name}")
 
 
@@ -97,7 +108,7 @@ def up() -> int:
     env.setdefault("AUTH_JWKS_URL", f"http://127.0.0.1:{ports['identity']}/.well-known/jwks.json")
     os.environ.update(env)
     platform_settings.cache_clear()
-    migrate(list(DOMAIN_SERVICES))
+    migrate(list(ALL_SERVICES))
     from launcher.demo import load_demo
 
     # Before identity starts: its relay drains these rows, in order, before
@@ -178,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)
     p_migrate = sub.add_parser("migrate", help="执行数据库迁移")
-    p_migrate.add_argument("service", nargs="*", choices=[*DOMAIN_SERVICES, []])
+    p_migrate.add_argument("service", nargs="*", choices=[*ALL_SERVICES, []])
     sub.add_parser("demo", help="载入演示数据（可重复执行）")
     p_token = sub.add_parser("token", help="登录并打印访问令牌")
     p_token.add_argument("-u", "--username", required=True)
@@ -192,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.service, args.host, args.port)
         return 0
     if args.command == "migrate":
-        migrate(args.service or list(DOMAIN_SERVICES))
+        migrate(args.service or list(ALL_SERVICES))
         return 0
     if args.command == "demo":
         from launcher.demo import load_demo

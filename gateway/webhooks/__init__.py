@@ -1,0 +1,1 @@
+"""Third-party webhooks (GW-05): subscriptions, event intake, signed delivery."""
