@@ -144,6 +144,7 @@ def up() -> int:
             "\n双减治理平台已启动。\n"
             f"  网关：        {gateway}/api/v1/<service>/...\n"
             f"  健康检查：    {gateway}/readyz\n"
+            f"  接口文档：    {gateway}/docs（合并）  事件文档：{gateway}/asyncapi\n"
             + "".join(f"  {n:<13} http://127.0.0.1:{ports[n]}/docs\n" for n in DOMAIN_SERVICES)
             + "  演示账号见 README（密码 demo-2026!）。按 Ctrl-C 停止。\n",
             flush=True,
