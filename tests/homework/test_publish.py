@@ -32,7 +32,10 @@ async def refusals(world: World) -> list[Refusal]:
 
 async def outbox(world: World) -> list[dict]:
     async with world.svc.ctx.db.read() as session:
-        rows = (await session.execute(select(outbox_table.c.payload))).scalars().all()
+        # In emission order: PostgreSQL returns rows in physical order, which
+        # changes when the relay marks them published.
+        query = select(outbox_table.c.payload).order_by(outbox_table.c.position)
+        rows = (await session.execute(query)).scalars().all()
     return [json.loads(r) for r in rows]
 
 
