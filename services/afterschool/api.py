@@ -7,13 +7,12 @@ import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy.exc import TimeoutError as SATimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis import idempotency
 from chassis.app import DB, Ctx, Policies, ServiceContext
 from chassis.auth import CurrentPrincipal
-from chassis.errors import Problem, rule_violation
+from chassis.errors import rule_violation
 from services.afterschool import operations, schemas, service
 
 router = APIRouter()
@@ -112,27 +111,24 @@ async def enroll(
     ctx: Ctx,
     waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
 ) -> Response:
-    try:
-        if not waitlist:
-            left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
-            if left is not None and left <= 0:
-                # Sold out and no waitlist wanted: answered from a read, nothing written.
-                raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
-        # Admission control: at most pool-size seat transactions at once, so a
-        # rush queues here (in memory, in arrival order) instead of holding row
-        # locks while waiting for the event loop or timing out on the pool.
-        async with _enroll_gate(ctx):
-            claim = await idempotency.begin(ctx.db, request, principal)
-            if isinstance(claim, Response):
-                return claim
+    if not waitlist:
+        left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
+        if left is not None and left <= 0:
+            # Sold out and no waitlist wanted: answered from a read, nothing written.
+            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+    # Admission control: at most pool-size seat transactions at once, so a
+    # rush queues here (in memory, in arrival order) instead of holding row
+    # locks while waiting for a connection. A pool timeout all the same is
+    # the chassis's 503 with Retry-After, the key released, nothing written.
+    async with _enroll_gate(ctx):
+        claim = await idempotency.begin(ctx.db, request, principal)
+        if isinstance(claim, Response):
+            return claim
 
-            async def work(session: AsyncSession) -> Any:
-                return await service.enroll(session, principal, data, join_waitlist=waitlist)
+        async def work(session: AsyncSession) -> Any:
+            return await service.enroll(session, principal, data, join_waitlist=waitlist)
 
-            return await idempotency.run(ctx.db, claim, work, status_code=201)
-    except SATimeoutError:
-        # Nothing was written (the transaction did not commit; the key was released).
-        raise Problem(503, "报名人数过多，请稍后重试。", headers={"Retry-After": "1"}) from None
+        return await idempotency.run(ctx.db, claim, work, status_code=201)
 
 
 def _enroll_gate(ctx: ServiceContext) -> asyncio.Semaphore:

@@ -412,8 +412,7 @@ async def payout_batch(
 
     async def work(session: AsyncSession) -> list[dict[str, Any]]:
         payouts = await service.create_payouts(session, ctx.policies, bank_id, today)
-        # idempotency._encode serializes only a single model; dump each item.
-        return [schemas.PayoutOut.model_validate(p).model_dump(mode="json") for p in payouts]
+        return [schemas.PayoutOut.model_validate(p) for p in payouts]
 
     return await _money(ctx, request, principal, work, 201)
 
@@ -547,7 +546,7 @@ async def confirm_lessons(
         lessons = await service.answer_lessons(
             session, ctx.policies, principal, body.lesson_ids, today
         )
-        return [schemas.LessonOut.model_validate(x).model_dump(mode="json") for x in lessons]
+        return [schemas.LessonOut.model_validate(x) for x in lessons]
 
     return await _money(ctx, request, principal, work)
 

@@ -13,10 +13,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.app import Ctx, ServiceContext
+from chassis.app import Ctx
 from chassis.auth import CurrentPrincipal, Principal
 from chassis.errors import FieldError, Problem, not_found
-from chassis.pagination import Page, PageParams, decode_cursor, encode_cursor
+from chassis.pagination import Page, PageParams, PageQuery, decode_cursor, encode_cursor
 from chassis.policy import PolicyRegistry
 from chassis.privacy import mask_name, mask_phone
 from services.institutions import access, rules, schemas, service
@@ -42,24 +42,6 @@ PEOPLE = ["从业人员"]
 COURSES = ["课程备案"]
 CASES = ["举报投诉"]
 OVERSIGHT = ["检查处罚与信用"]
-
-
-async def _page(
-    limit: Annotated[int, Query(ge=1, le=500, description="每页条数")] = 50,
-    cursor: Annotated[str | None, Query(description="上一页返回的 next_cursor")] = None,
-) -> PageParams:
-    # An async dependency: FastAPI runs sync ones (a class) in the thread pool.
-    return PageParams(limit=limit, cursor=cursor)
-
-
-async def _context(request: Request) -> ServiceContext:
-    ctx: ServiceContext = request.app.state.ctx
-    return ctx
-
-
-Pages = Annotated[PageParams, Depends(_page)]
-#: ``chassis.app.Ctx`` without the thread-pool hop (for the hot public look-ups).
-FastCtx = Annotated[ServiceContext, Depends(_context)]
 
 
 def _signer(ctx: Ctx) -> ComplianceSigner:
@@ -235,8 +217,8 @@ CategoryQ = Annotated[rules.Category | None, Query(description="类别")]
     summary="白名单：持证正常经营的机构（按名称、信用代码、区域、类别查询）",
 )
 async def public_whitelist(
-    ctx: FastCtx,
-    page: Pages,
+    ctx: Ctx,
+    page: PageQuery,
     q: Q = None,
     credit_code: CreditCodeQ = None,
     region_id: RegionQ = None,
@@ -270,8 +252,8 @@ async def public_whitelist(
     summary="黑名单：列入黑名单的机构、原因与日期",
 )
 async def public_blacklist(
-    ctx: FastCtx,
-    page: Pages,
+    ctx: Ctx,
+    page: PageQuery,
     q: Q = None,
     credit_code: CreditCodeQ = None,
     region_id: RegionQ = None,
@@ -535,7 +517,7 @@ async def register(
 async def list_institutions(
     principal: CurrentPrincipal,
     ctx: Ctx,
-    page: Pages,
+    page: PageQuery,
     status: Annotated[str | None, Query(max_length=16)] = None,
     q: Q = None,
     region_id: RegionQ = None,
@@ -820,7 +802,7 @@ async def get_course(
 async def list_complaints(
     principal: CurrentPrincipal,
     ctx: Ctx,
-    page: Pages,
+    page: PageQuery,
     status: Annotated[
         Literal["received", "assigned", "investigating", "resolved", "dismissed"] | None, Query()
     ] = None,
@@ -847,7 +829,7 @@ async def list_complaints(
     summary="逾期未办结的举报（教育局督办）",
 )
 async def overdue_complaints(
-    principal: CurrentPrincipal, ctx: Ctx, page: Pages
+    principal: CurrentPrincipal, ctx: Ctx, page: PageQuery
 ) -> Page[schemas.ComplaintOut]:
     return await list_complaints(principal, ctx, page, None, True)
 
