@@ -29,6 +29,7 @@ from chassis.messaging import EventConsumer, OutboxRelay, Subscription
 from chassis.migrations import database_revisions, head_revisions, upgrade_async
 from chassis.observability import Metrics, RequestContextMiddleware, configure_logging
 from chassis.policy import PolicyRegistry
+from chassis.scheduler import JobRunner, PeriodicJob, job_interval
 
 log = structlog.get_logger("app")
 
@@ -49,6 +50,7 @@ class ServiceContext:
     policies: PolicyRegistry
     relay: OutboxRelay
     consumers: list[EventConsumer] = field(default_factory=list)
+    jobs: dict[str, JobRunner] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     # The migration heads this code expects; /readyz compares the database.
     schema_heads: set[str] = field(default_factory=set)
@@ -66,6 +68,8 @@ class ServiceSpec:
     openapi_tags: list[dict[str, Any]] = field(default_factory=list)
     # Service-specific start-up after the database is ready (e.g. signing keys).
     on_startup: Callable[[ServiceContext, FastAPI], Awaitable[None]] | None = None
+    # Time-driven steps (deadlines, expiries, re-checks); see chassis.scheduler.
+    periodic_jobs: Sequence[PeriodicJob] = ()
     version: str = "1.0.0"
 
 
@@ -117,6 +121,12 @@ def create_service_app(
             consumer = EventConsumer(db, bus, subscription, service=spec.name, metrics=metrics)
             consumer.start()
             ctx.consumers.append(consumer)
+        for job in spec.periodic_jobs:
+            interval = job_interval(job, settings.job_intervals)
+            if interval > 0:
+                runner = JobRunner(ctx, job, interval)
+                runner.start()
+                ctx.jobs[job.name] = runner
         log.info("service_started", service=spec.name, port=settings.port)
         try:
             yield
@@ -125,7 +135,12 @@ def create_service_app(
             # (what is unfinished is redelivered or relayed after restart).
             # asyncio.wait, not wait_for: wait_for would wait for a stuck step
             # to finish being cancelled.
-            for stopping in [*(c.stop() for c in ctx.consumers), relay.stop()]:
+            stopping_steps = [
+                *(j.stop() for j in ctx.jobs.values()),
+                *(c.stop() for c in ctx.consumers),
+                relay.stop(),
+            ]
+            for stopping in stopping_steps:
                 step = asyncio.ensure_future(stopping)
                 done, _ = await asyncio.wait({step}, timeout=SHUTDOWN_STEP_SECONDS)
                 if not done:

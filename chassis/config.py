@@ -62,6 +62,9 @@ class ServiceSettings(BaseSettings):
     run_migrations: bool = True
     db_pool_size: int = 10
     relay_batch_size: int = 256
+    # Seconds between runs of each periodic job, by job name (JSON in the
+    # environment); a job not named keeps its default, 0 switches it off.
+    job_intervals: dict[str, float] = {}
 
     def resolved_database_url(self, platform: PlatformSettings) -> str:
         if self.database_url:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 from pathlib import Path
 
-import structlog
 from fastapi import FastAPI
 
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
 from chassis.messaging import Subscription
 from chassis.roster import roster_subscription
+from chassis.scheduler import PeriodicJob
 from contracts import institutions as inst
 from services.funds import service
 from services.funds.api import router
@@ -41,50 +39,19 @@ institutions_subscription = Subscription(
 )
 
 
-SWEEP_INTERVAL_ENV = "FUNDS_SWEEP_INTERVAL_SECONDS"
-log = structlog.get_logger("funds")
+async def run_sweep(ctx: ServiceContext) -> service.SweepResult:
+    """The time-driven steps: auto-confirmation, deemed agreement, overdue
+    refunds, catch-up releases and the risk scan (each idempotent)."""
+    async with ctx.db.transaction() as session:
+        return await service.sweep(session, ctx.policies, service.today_in_china())
 
 
-class SweepScheduler:
-    """Runs the time-driven steps (auto-confirmation, deemed agreement, overdue
-    refunds, catch-up releases, risk scan) every ``interval`` seconds, the
-    first run one interval after start. Stopped with the consumers at shutdown
-    (it is registered among them: the chassis has no other hook)."""
-
-    def __init__(self, ctx: ServiceContext, interval: float) -> None:
-        self.ctx = ctx
-        self.interval = interval
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="funds-sweep")
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                async with self.ctx.db.transaction() as session:
-                    result = await service.sweep(
-                        session, self.ctx.policies, service.today_in_china()
-                    )
-                log.info("funds_sweep", **result.__dict__)
-            except Exception as exc:  # keep sweeping; the next run retries
-                log.warning("funds_sweep_failed", error=repr(exc))
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+# Every 10 minutes by default; FUNDS_JOB_INTERVALS='{"sweep": seconds}' overrides.
+sweep_job = PeriodicJob("sweep", run_sweep, interval_seconds=600, run_at_start=True)
 
 
 async def on_startup(ctx: ServiceContext, app: FastAPI) -> None:
     ctx.extras["bank_secret"] = os.environ.get(BANK_SECRET_ENV, DEV_BANK_SECRET)
-    interval = float(os.environ.get(SWEEP_INTERVAL_ENV, "600"))
-    if interval > 0:
-        scheduler = SweepScheduler(ctx, interval)
-        scheduler.start()
-        ctx.consumers.append(scheduler)  # type: ignore[arg-type]
 
 
 SPEC = ServiceSpec(
@@ -96,6 +63,7 @@ SPEC = ServiceSpec(
     migrations_dir=Path(__file__).resolve().parent / "migrations",
     subscriptions=[roster_subscription(roster), institutions_subscription],
     on_startup=on_startup,
+    periodic_jobs=[sweep_job],
     openapi_tags=[
         {"name": "专户", "description": "资金监管专户（FUND-01/07）"},
         {"name": "合同", "description": "购课与合同（FUND-02/03）"},

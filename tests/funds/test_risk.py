@@ -66,7 +66,7 @@ async def test_fund08_sweep_runs_on_its_own_schedule(
     from tests.funds.harness import Funds as Harness
     from tests.support import eventually
 
-    monkeypatch.setenv("FUNDS_SWEEP_INTERVAL_SECONDS", "0.3")
+    monkeypatch.setenv("FUNDS_JOB_INTERVALS", '{"sweep": 0.3}')
     funds = Harness(await start_service("funds"), mint, nats_server.url)
     try:
         await funds.ready_institution("i1", "c1", price=10000)
