@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
 from chassis.calendar import load_school_terms
 from chassis.roster import roster_subscription
+from chassis.scheduler import PeriodicJob
+from services.homework import service
 from services.homework.api import router
 from services.homework.models import Base, roster
 from services.homework.service import TERMS_KEY
@@ -18,6 +20,20 @@ async def _on_startup(ctx: ServiceContext, app: FastAPI) -> None:
     # X-05: school terms and vacations per region (policy/calendar/terms), so
     # vacation days take the profile's vacation caps (HW-04).
     ctx.extras[TERMS_KEY] = load_school_terms()
+
+
+async def run_burden_recheck(ctx: ServiceContext) -> service.RecheckResult:
+    """HW-06: re-evaluate burden alerts as the school-day window slides."""
+    return await service.recheck_burden(ctx)
+
+
+# Hourly by default, so the window moves soon after local midnight whenever the
+# service started; a class is evaluated once per local date (the run skips
+# classes already evaluated for today). HOMEWORK_JOB_INTERVALS=
+# '{"burden_recheck": seconds}' overrides, 0 switches it off.
+burden_recheck_job = PeriodicJob(
+    "burden_recheck", run_burden_recheck, interval_seconds=3600, run_at_start=True
+)
 
 
 SPEC = ServiceSpec(
@@ -30,6 +46,7 @@ SPEC = ServiceSpec(
     migrations_dir=Path(__file__).resolve().parent / "migrations",
     subscriptions=[roster_subscription(roster)],
     on_startup=_on_startup,
+    periodic_jobs=[burden_recheck_job],
     openapi_tags=[
         {"name": "作业发布", "description": "发布、修改、撤回作业；班级当日用量（HW-01..HW-05）"},
         {"name": "班主任统筹", "description": "各学科每日配额（HW-03）"},

@@ -136,6 +136,21 @@ class NoWrittenHomeworkDay(Base):
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
+class EveningStudyClass(Base):
+    """HW-02 (004 §二.2): a junior class attending evening self-study (晚自习)
+    on some weekdays; where the profile says so, its written homework stays at
+    school on those days."""
+
+    __tablename__ = "evening_study_classes"
+
+    class_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    school_id: Mapped[str] = mapped_column(String(36), index=True)
+    # ISO weekdays (1 = Monday) with evening self-study.
+    weekdays: Mapped[list[int]] = mapped_column(JSON)
+    set_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class TimeReport(Base):
     """HW-06: how long an assignment really took one student."""
 
@@ -193,6 +208,9 @@ class BurdenState(Base):
     class_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     open_alert_id: Mapped[str | None] = mapped_column(String(36))
     evaluated_at: Mapped[dt.datetime | None] = mapped_column()
+    # The local date whose window was last evaluated (the daily re-check skips
+    # classes already evaluated for that date).
+    evaluated_for: Mapped[dt.date | None] = mapped_column(Date)
 
 
 class BurdenAlert(Base):

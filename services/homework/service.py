@@ -1229,17 +1229,23 @@ async def _alert_open(session: AsyncSession, class_id: str) -> bool:
     ) is not None
 
 
-async def evaluate_burden(session: AsyncSession, ctx: ServiceContext, facts: ClassFacts) -> None:
+async def evaluate_burden(
+    session: AsyncSession,
+    ctx: ServiceContext,
+    facts: ClassFacts,
+    as_of: dt.date | None = None,
+) -> str | None:
     """HW-06: recompute the class's median actual daily load and open or close
     its alert; the state row is locked so an alert opens (and closes) once.
 
-    The window is the last N school days (profile) up to today (local date);
-    a day without homework counts 0, an assignment nobody reported on counts
-    its estimate.
+    The window is the last N school days (profile) up to ``as_of`` (default
+    today, local date); a day without homework counts 0, an assignment nobody
+    reported on counts its estimate. Returns the transition ("open", "close")
+    or None.
     """
     if facts.school_system is None or facts.region_id is None:
-        return
-    today = local_today()
+        return None
+    today = as_of or local_today()
     await _ensure_row(
         session,
         BurdenState.__table__,
@@ -1284,8 +1290,9 @@ async def evaluate_burden(session: AsyncSession, ctx: ServiceContext, facts: Cla
     transition = rules.burden_transition(state.open_alert_id is not None, assessment)
     now = utcnow()
     state.evaluated_at = now
+    state.evaluated_for = anchor
     if transition is None or not window:
-        return
+        return None
     payload = {
         "school_id": facts.school_id,
         "region_id": facts.region_id,
@@ -1315,7 +1322,7 @@ async def evaluate_burden(session: AsyncSession, ctx: ServiceContext, facts: Cla
         state.open_alert_id = alert.id
         await emit(session, ev.BurdenAlertOpened(alert_id=alert.id, **payload))
         log.info("burden_alert_opened", class_id=facts.id, median=assessment.median_minutes)
-        return
+        return transition
     assert state.open_alert_id is not None
     alert_row = await session.get(BurdenAlert, state.open_alert_id)
     state.open_alert_id = None
@@ -1327,6 +1334,96 @@ async def evaluate_burden(session: AsyncSession, ctx: ServiceContext, facts: Cla
         alert_row.close_window_end = window[-1]
         await emit(session, ev.BurdenAlertClosed(alert_id=alert_row.id, **payload))
         log.info("burden_alert_closed", class_id=facts.id, median=assessment.median_minutes)
+    return transition
+
+
+@dataclass(frozen=True)
+class RecheckResult:
+    as_of: dt.date
+    checked: int
+    opened: int
+    closed: int
+
+
+async def _recheck_candidates(ctx: ServiceContext, as_of: dt.date) -> list[str]:
+    """Classes whose burden may have changed on ``as_of``: those with an open
+    alert, and those with counted homework in their region's window ending
+    ``as_of`` (a class without any has a median of 0 and cannot open one);
+    minus those already evaluated for ``as_of`` (by a report or a replica)."""
+    s, r = roster.schools, roster.regions
+    async with ctx.db.read() as session:
+        regions = (
+            await session.execute(
+                select(s.c.region_id, r.c.profile_id)
+                .join(r, r.c.id == s.c.region_id, isouter=True)
+                .where(s.c.region_id.is_not(None))
+                .distinct()
+            )
+        ).all()
+        starts: dict[str, dt.date] = {}
+        for region_id, profile_id in regions:
+            try:
+                profile = ctx.policies.profile(profile_id or region_id, on=as_of)
+            except UnknownRegionError:
+                continue
+            calendar = await calendar_for(session, ctx, region_id, profile_id)
+            window = rules.school_days_window(
+                calendar, as_of, profile.homework.burden_alert_window_school_days
+            )
+            if window:
+                starts[region_id] = window[0]
+        candidates: set[str] = set(
+            await session.scalars(
+                select(BurdenState.class_id).where(BurdenState.open_alert_id.is_not(None))
+            )
+        )
+        if starts:
+            latest = (
+                select(Assignment.class_id, s.c.region_id, func.max(Assignment.day))
+                .join(s, s.c.id == Assignment.school_id)
+                .where(
+                    Assignment.status == "published",
+                    Assignment.counted_minutes > 0,
+                    Assignment.day >= min(starts.values()),
+                    Assignment.day <= as_of,
+                )
+                .group_by(Assignment.class_id, s.c.region_id)
+            )
+            for class_id, region_id, last_day in await session.execute(latest):
+                start = starts.get(region_id)
+                if start is not None and last_day >= start:
+                    candidates.add(class_id)
+        done = set(
+            await session.scalars(
+                select(BurdenState.class_id).where(
+                    BurdenState.evaluated_for >= as_of, BurdenState.class_id.in_(candidates)
+                )
+            )
+        )
+    return sorted(candidates - done)
+
+
+async def recheck_burden(ctx: ServiceContext, as_of: dt.date | None = None) -> RecheckResult:
+    """HW-06 daily re-check: the 7-school-day window slides with time, so an
+    alert closes (or opens) without any new report.
+
+    Idempotent and catch-up safe: each class is evaluated in its own
+    transaction under the lock of its ``burden_states`` row, and an alert
+    opens or closes only on a change of state, so replicas running at once,
+    a restart running it twice, or a late run emit each transition once.
+    """
+    day = as_of or local_today()
+    opened = closed = checked = 0
+    for class_id in await _recheck_candidates(ctx, day):
+        async with ctx.db.transaction() as session:
+            facts = await class_facts(session, class_id)
+            if facts is None:
+                continue
+            transition = await evaluate_burden(session, ctx, facts, day)
+        checked += 1
+        opened += transition == "open"
+        closed += transition == "close"
+    return RecheckResult(day, checked, opened, closed)
 
 
 async def compare_actual(

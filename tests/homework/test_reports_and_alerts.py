@@ -3,6 +3,7 @@ through a real NATS JetStream consumer."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as D
 import json
 
@@ -11,6 +12,8 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from services.homework import rules
+from services.homework import service as hw_service
+from services.homework.app import SPEC
 from tests.homework.conftest import World
 from tests.support import eventually
 
@@ -249,6 +252,116 @@ async def test_hw06_open_alert_closes_on_later_publishing_without_reports(
     await world.publish("C1", world.teacher("TM"), date=later[3], estimated_minutes=30)
     r = await world.client.get("/oversight/alerts", headers=bureau)
     assert [(a["status"], a["close_median_minutes"]) for a in r.json()] == [("closed", 30.0)]
+
+
+async def burden_events(nats_server, durable: str, expected: int) -> list[dict]:
+    """The burden events in the HOMEWORK stream, read by a real JetStream consumer."""
+    nc = await nats.connect(nats_server.url)
+    seen: list[dict] = []
+    try:
+        js = nc.jetstream()
+
+        async def enough() -> bool:
+            try:
+                await js.add_consumer(
+                    "HOMEWORK",
+                    ConsumerConfig(
+                        durable_name=durable,
+                        deliver_policy=DeliverPolicy.ALL,
+                        ack_policy=AckPolicy.EXPLICIT,
+                        filter_subject="homework.burden.>",
+                    ),
+                )
+                psub = await js.pull_subscribe_bind(durable=durable, stream="HOMEWORK")
+                msgs = await psub.fetch(10, timeout=1)
+            except (nats.errors.TimeoutError, nats.js.errors.NotFoundError):
+                return False
+            for msg in msgs:
+                seen.append(json.loads(msg.data))
+                await msg.ack()
+            return len(seen) >= expected
+
+        await eventually(enough, timeout=20)
+        # Nothing more arrives (no duplicate of a transition).
+        psub = await js.pull_subscribe_bind(durable=durable, stream="HOMEWORK")
+        try:
+            extra = await psub.fetch(10, timeout=1.5)
+        except nats.errors.TimeoutError:
+            extra = []
+        seen.extend(json.loads(m.data) for m in extra)
+    finally:
+        await nc.close()
+    return seen
+
+
+async def test_hw06_daily_recheck_closes_the_alert_without_any_new_report(
+    world: World, fixed_today, nats_server, start_service
+):
+    """The 7-school-day window slides with time: the daily job (driven here
+    with an explicit "as of" date) closes the alert once the heavy days leave
+    the window, with no report and no publication; two replicas running it at
+    once, and a re-run, emit the close exactly once (X-02)."""
+    assert [j.name for j in SPEC.periodic_jobs] == ["burden_recheck"]
+    fixed_today(TODAY)
+    for day in WINDOW:
+        aid = (
+            await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=50)
+        ).json()["assignment"]["id"]
+        assert (await report(world, aid, "P1", 80, world.parent("G1"))).status_code == 200
+    bureau = world.bureau()
+
+    async def alerts() -> list[dict]:
+        r = await world.client.get("/oversight/alerts", headers=bureau)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    assert [a["status"] for a in await alerts()] == ["open"]
+    # Same day again: the class was evaluated for TODAY by the reports; nothing to do.
+    same_day = await hw_service.recheck_burden(world.svc.ctx, TODAY)
+    assert (same_day.checked, same_day.opened, same_day.closed) == (0, 0, 0)
+    # Tuesday 24th: 16,17,18,19,20,23,24 -> five heavy days of seven, still open.
+    tuesday = await hw_service.recheck_burden(world.svc.ctx, D.date(2026, 11, 24))
+    assert (tuesday.checked, tuesday.closed) == (1, 0)
+    assert [a["status"] for a in await alerts()] == ["open"]
+    # Thursday 26th: 18,19,20,23,24,25,26 -> three heavy days: the median is 0.
+    second = await start_service("homework")  # a second replica, same database
+    thursday = D.date(2026, 11, 26)
+    results = await asyncio.gather(
+        hw_service.recheck_burden(world.svc.ctx, thursday),
+        hw_service.recheck_burden(second.ctx, thursday),
+    )
+    assert sum(r.closed for r in results) == 1
+    again = await hw_service.recheck_burden(world.svc.ctx, thursday)
+    assert (again.checked, again.closed) == (0, 0)
+    [closed] = await alerts()
+    assert closed["status"] == "closed" and closed["close_median_minutes"] == 0.0
+    assert (closed["close_window_start"], closed["close_window_end"]) == (
+        "2026-11-18",
+        "2026-11-26",
+    )
+    seen = await burden_events(nats_server, "test-recheck", 2)
+    assert [e["type"] for e in seen] == [
+        "homework.burden.alert.opened.v1",
+        "homework.burden.alert.closed.v1",
+    ]
+    assert seen[1]["data"]["alert_id"] == closed["id"]
+    assert (seen[1]["data"]["window_end"], seen[1]["data"]["median_minutes"]) == (
+        "2026-11-26",
+        0.0,
+    )
+
+
+async def test_hw06_daily_recheck_skips_classes_without_homework_in_the_window(
+    world: World, fixed_today
+):
+    """Only classes with an open alert or counted homework in the window are
+    evaluated; a school day past a vacation-free week with no homework changes nothing."""
+    fixed_today(TODAY)
+    await world.publish("C1", world.teacher("TM"), date=WINDOW[0], estimated_minutes=30)
+    in_window = await hw_service.recheck_burden(world.svc.ctx, TODAY)
+    assert in_window.checked == 1  # C1 only (C2 has no homework)
+    later = await hw_service.recheck_burden(world.svc.ctx, D.date(2026, 12, 31))
+    assert (later.checked, later.opened, later.closed) == (0, 0, 0)
 
 
 async def test_hw08_reports_follow_an_assignment_moved_to_another_date(world: World, fixed_today):
