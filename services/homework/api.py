@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query, Response
@@ -13,7 +11,7 @@ from pydantic import BaseModel
 from chassis.app import DB, Ctx
 from chassis.auth import CurrentPrincipal
 from chassis.errors import FieldError, Problem, not_found
-from services.homework import schemas, service
+from services.homework import exports, schemas, service
 from services.homework.models import roster
 
 router = APIRouter()
@@ -335,35 +333,6 @@ async def oversight(
 
 
 @router.get(
-    "/oversight/schools.csv",
-    tags=["监管"],
-    summary="各校作业监管数据导出（CSV，每校每年级一行）",
-    response_class=Response,
-    responses={200: {"content": {"text/csv": {}}}},
-)
-async def oversight_csv(
-    principal: CurrentPrincipal,
-    ctx: Ctx,
-    span: Range,
-    region_id: str | None = None,
-    school_id: str | None = None,
-) -> Response:
-    report = await service.oversight_report(
-        ctx, principal, span.start, span.to, region_id, school_id
-    )
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(service.CSV_COLUMNS)
-    writer.writerows(service.oversight_csv_rows(report))
-    filename = f"homework-oversight-{span.start}-{span.to}.csv"
-    return Response(
-        content="\ufeff" + buffer.getvalue(),
-        media_type="text/csv; charset=utf-8",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
-    )
-
-
-@router.get(
     "/oversight/alerts",
     response_model=list[schemas.AlertOut],
     tags=["监管"],
@@ -414,3 +383,143 @@ async def warnings(
     return await service.acknowledged_warnings(
         ctx, principal, span.start, span.to, region_id, school_id
     )
+
+
+# ---------------------------------------------------------------- CSV exports (HW-08)
+
+CSV_RESPONSE = {
+    "response_class": Response,
+    "responses": {200: {"content": {"text/csv": {}}, "description": "UTF-8（带 BOM）CSV"}},
+}
+
+
+def csv_response(name: str, text: str) -> Response:
+    """An attachment Excel opens with Chinese intact (UTF-8 with BOM)."""
+    return Response(
+        content=text.encode("utf-8"),
+        media_type=exports.MEDIA_TYPE,
+        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
+def _suffix(span: DateRange) -> str:
+    return f"{span.start}-{span.to}"
+
+
+@router.get(
+    "/oversight/schools.csv",
+    tags=["监管"],
+    summary="导出：各校合规率、按规则拒绝次数、预警数与各年级用时（每校每年级一行）",
+    **CSV_RESPONSE,
+)
+async def oversight_csv(
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    span: Range,
+    region_id: str | None = None,
+    school_id: str | None = None,
+) -> Response:
+    report = await service.oversight_report(
+        ctx, principal, span.start, span.to, region_id, school_id
+    )
+    text = exports.render(exports.SCHOOLS_COLUMNS, exports.schools_rows(report))
+    return csv_response(f"homework-oversight-{_suffix(span)}", text)
+
+
+@router.get(
+    "/oversight/refusals.csv",
+    tags=["监管"],
+    summary="导出：各校按规则的被拒次数（每校每条规则一行）",
+    **CSV_RESPONSE,
+)
+async def refusals_csv(
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    span: Range,
+    region_id: str | None = None,
+    school_id: str | None = None,
+) -> Response:
+    report = await service.oversight_report(
+        ctx, principal, span.start, span.to, region_id, school_id
+    )
+    text = exports.render(exports.REFUSALS_COLUMNS, exports.refusals_rows(report))
+    return csv_response(f"homework-refusals-{_suffix(span)}", text)
+
+
+@router.get(
+    "/oversight/grades.csv",
+    tags=["监管"],
+    summary="导出：各校各年级日均与 P90 书面作业用时（预计与反馈）",
+    **CSV_RESPONSE,
+)
+async def grades_csv(
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    span: Range,
+    region_id: str | None = None,
+    school_id: str | None = None,
+) -> Response:
+    report = await service.oversight_report(
+        ctx, principal, span.start, span.to, region_id, school_id
+    )
+    text = exports.render(exports.GRADES_COLUMNS, exports.grades_rows(report))
+    return csv_response(f"homework-grades-{_suffix(span)}", text)
+
+
+@router.get(
+    "/oversight/alerts.csv",
+    tags=["监管"],
+    summary="导出：作业负担预警（进行中与已解除）",
+    **CSV_RESPONSE,
+)
+async def alerts_csv(
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    status: Literal["open", "closed"] | None = None,
+    region_id: str | None = None,
+    school_id: str | None = None,
+) -> Response:
+    items = await service.list_alerts(ctx, principal, status, region_id, school_id)
+    text = exports.render(exports.ALERTS_COLUMNS, exports.alerts_rows(items))
+    return csv_response(f"homework-alerts-{status or 'all'}", text)
+
+
+@router.get(
+    "/oversight/estimate-gaps.csv",
+    tags=["监管"],
+    summary="导出：预计用时明显低于反馈用时的教师",
+    **CSV_RESPONSE,
+)
+async def estimate_gaps_csv(
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    span: Range,
+    region_id: str | None = None,
+    school_id: str | None = None,
+    flagged_only: bool = True,
+) -> Response:
+    items = await service.estimate_gaps(
+        ctx, principal, span.start, span.to, region_id, school_id, flagged_only
+    )
+    text = exports.render(exports.GAPS_COLUMNS, exports.gaps_rows(items))
+    return csv_response(f"homework-estimate-gaps-{_suffix(span)}", text)
+
+
+@router.get(
+    "/oversight/acknowledged-warnings.csv",
+    tags=["监管"],
+    summary="导出：教师确认内容筛查提示后发布的作业（HW-05）",
+    **CSV_RESPONSE,
+)
+async def warnings_csv(
+    principal: CurrentPrincipal,
+    ctx: Ctx,
+    span: Range,
+    region_id: str | None = None,
+    school_id: str | None = None,
+) -> Response:
+    items = await service.acknowledged_warnings(
+        ctx, principal, span.start, span.to, region_id, school_id
+    )
+    text = exports.render(exports.WARNINGS_COLUMNS, exports.warnings_rows(items))
+    return csv_response(f"homework-acknowledged-warnings-{_suffix(span)}", text)

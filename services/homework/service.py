@@ -1868,64 +1868,6 @@ async def oversight_report(
     return schemas.OversightReport(date_from=date_from, date_to=date_to, schools=schools)
 
 
-CSV_COLUMNS = (
-    "school_id",
-    "school_name",
-    "region_id",
-    "published",
-    "refused",
-    "compliance_rate",
-    "refused_hw02",
-    "refused_hw03",
-    "refused_hw04",
-    "refused_hw05",
-    "alerts_open",
-    "alerts_closed",
-    "grade",
-    "estimated_class_days",
-    "estimated_avg_minutes",
-    "estimated_p90_minutes",
-    "reported_class_days",
-    "reported_avg_minutes",
-    "reported_p90_minutes",
-)
-
-
-def oversight_csv_rows(report: schemas.OversightReport) -> list[list[Any]]:
-    """One row per school and grade (a school without homework: one row, no grade)."""
-    rows: list[list[Any]] = []
-    for s in report.schools:
-        head = [
-            s.school_id,
-            s.school_name,
-            s.region_id,
-            s.published,
-            s.refused,
-            "" if s.compliance_rate is None else s.compliance_rate,
-            *(s.refusals_by_rule.get(rule, 0) for rule in ("HW-02", "HW-03", "HW-04", "HW-05")),
-            s.alerts_open,
-            s.alerts_closed,
-        ]
-        grades = s.grades or [None]
-        for g in grades:
-            if g is None:
-                rows.append([*head, "", "", "", "", "", "", ""])
-                continue
-            rows.append(
-                [
-                    *head,
-                    g.grade,
-                    g.estimated.class_days,
-                    "" if g.estimated.avg is None else g.estimated.avg,
-                    "" if g.estimated.p90 is None else g.estimated.p90,
-                    g.reported.class_days,
-                    "" if g.reported.avg is None else g.reported.avg,
-                    "" if g.reported.p90 is None else g.reported.p90,
-                ]
-            )
-    return rows
-
-
 async def list_alerts(
     ctx: ServiceContext,
     principal: Principal,

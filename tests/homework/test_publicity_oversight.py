@@ -199,3 +199,144 @@ async def test_hw08_scope_school_admin_own_school_others_404(world: World, fixed
     assert bad.status_code == 422 and bad.headers["content-type"].startswith(
         "application/problem+json"
     )
+
+
+async def open_alert_as_of(world: World, day: D.date) -> str | None:
+    """Evaluate C1's burden with its window ending ``day`` (the seeded days)."""
+    from services.homework import service as hw_service
+
+    async with world.svc.ctx.db.transaction() as session:
+        facts = await hw_service.class_facts(session, "C1")
+        assert facts is not None
+        return await hw_service.evaluate_burden(session, world.svc.ctx, facts, day)
+
+
+def parse_csv(response) -> list[dict[str, str]]:
+    """An HW-08 export: UTF-8 with BOM, text/csv, an attachment with a .csv name."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "text/csv; charset=utf-8"
+    disposition = response.headers["content-disposition"]
+    assert disposition.startswith('attachment; filename="homework-')
+    assert disposition.endswith('.csv"')
+    assert response.content.startswith(b"\xef\xbb\xbf")
+    text = response.content.decode("utf-8")
+    # X-06: no student is ever named or identified in an export.
+    for minor in ("P1", "P2", "Q1", "学生"):
+        assert minor not in text
+    return list(csv.DictReader(io.StringIO(text.removeprefix("\ufeff"))))
+
+
+async def test_hw08_every_oversight_view_exports_as_csv(world: World, fixed_today):
+    """Compliance per school, refusals by rule, daily minutes by grade
+    (estimated and reported), open and closed alerts, teachers whose estimates
+    run far below the reports, acknowledged warnings: each as CSV."""
+    days = await seed_oversight(world, fixed_today)
+    warned = await world.publish(
+        "C1",
+        world.teacher("TM"),
+        date=days[0],
+        kind="reading",
+        content="=朗读课文，请家长签字检查",
+        acknowledged_warnings=["家长签字检查", "家长签字"],
+    )
+    # As of the last seeded day, 7 heavy reported days: open.
+    assert await open_alert_as_of(world, days[-1]) == "open"
+    params = {"from": "2150-03-01", "to": "2150-03-31"}
+    bureau = world.bureau()
+    get = world.client.get
+
+    [school] = parse_csv(await get("/oversight/schools.csv", params=params, headers=bureau))
+    assert (school["school_id"], school["school_name"], school["published"]) == (
+        "S1",
+        "S1学校",
+        "12",
+    )
+    assert (school["refused"], school["refused_hw02"], school["refused_hw05"]) == ("2", "1", "1")
+    assert school["compliance_rate"] == str(round(12 / 14, 4))
+    assert (school["alerts_open"], school["alerts_closed"]) == ("1", "0")
+
+    refusals = parse_csv(await get("/oversight/refusals.csv", params=params, headers=bureau))
+    assert [(r["school_id"], r["rule"], r["refused"]) for r in refusals] == [
+        ("S1", "HW-02", "1"),
+        ("S1", "HW-05", "1"),
+    ]
+
+    [grade4] = parse_csv(await get("/oversight/grades.csv", params=params, headers=bureau))
+    assert grade4["grade"] == "4"
+    assert (grade4["estimated_avg_minutes"], grade4["estimated_p90_minutes"]) == ("35.0", "55.0")
+    assert (grade4["reported_avg_minutes"], grade4["reported_p90_minutes"]) == ("65.0", "100.0")
+    assert grade4["reported_class_days"] == "10"
+
+    [alert] = parse_csv(await get("/oversight/alerts.csv", headers=bureau))
+    assert (alert["status"], alert["class_id"], alert["limit_minutes"]) == ("open", "C1", "60")
+    assert alert["open_median_minutes"] == "80.0" and alert["closed_at"] == ""
+    assert (
+        parse_csv(await get("/oversight/alerts.csv", params={"status": "closed"}, headers=bureau))
+        == []
+    )
+
+    [gap] = parse_csv(await get("/oversight/estimate-gaps.csv", params=params, headers=bureau))
+    assert (gap["teacher_id"], gap["teacher_name"], gap["ratio"], gap["flagged"]) == (
+        "TM",
+        "TM老师",
+        "2.0",
+        "1",
+    )
+
+    [warning] = parse_csv(
+        await get("/oversight/acknowledged-warnings.csv", params=params, headers=bureau)
+    )
+    assert warning["assignment_id"] == warned.json()["assignment"]["id"]
+    assert warning["acknowledged_warnings"] == "家长签字检查；家长签字"
+    # A teacher's text that a spreadsheet would run as a formula is neutralized.
+    assert warning["content"] == "'=朗读课文，请家长签字检查"
+
+
+CSV_PATHS = (
+    "/oversight/schools.csv",
+    "/oversight/refusals.csv",
+    "/oversight/grades.csv",
+    "/oversight/alerts.csv",
+    "/oversight/estimate-gaps.csv",
+    "/oversight/acknowledged-warnings.csv",
+)
+
+
+@pytest.mark.parametrize("path", CSV_PATHS)
+async def test_hw08_csv_exports_have_the_json_views_scope(world: World, fixed_today, path: str):
+    """Bureau: its region only; school admin: its own school only (another
+    school 404); teachers and parents 403; no token 401; bad range 422."""
+    await world.roster.region("weihai-huancui")
+    await world.roster.school("S2", "weihai-huancui", "5-4", "junior")
+    days = await seed_oversight(world, fixed_today)
+    await world.publish(
+        "C1",
+        world.teacher("TM"),
+        date=days[0],
+        kind="reading",
+        content="请家长检查朗读",
+        acknowledged_warnings=["家长检查"],
+    )
+    assert await open_alert_as_of(world, days[-1]) == "open"
+    params = {"from": "2150-03-01", "to": "2150-03-31"}
+    get = world.client.get
+
+    mine = parse_csv(await get(path, params=params, headers=world.bureau()))
+    assert mine and {row["school_id"] for row in mine} == {"S1"}
+    own = parse_csv(await get(path, params=params, headers=world.school_admin()))
+    assert own == mine
+    other_region = parse_csv(await get(path, params=params, headers=world.bureau("weihai-huancui")))
+    assert all(row["school_id"] == "S2" for row in other_region)
+    other_school = await get(
+        path, params={**params, "school_id": "S2"}, headers=world.school_admin()
+    )
+    assert other_school.status_code == 404
+    for headers in (world.teacher("TM"), world.parent("G1")):
+        assert (await get(path, params=params, headers=headers)).status_code == 403
+    assert (await get(path, params=params)).status_code == 401
+    if path != "/oversight/alerts.csv":
+        bad = await get(
+            path, params={"from": "2150-03-31", "to": "2150-03-01"}, headers=world.bureau()
+        )
+        assert bad.status_code == 422
+        assert bad.headers["content-type"].startswith("application/problem+json")
