@@ -213,6 +213,33 @@ async def set_quotas(
     return await service.set_quotas(ctx, principal, class_id, body)
 
 
+# ---------------------------------------------------------------- evening self-study (HW-02)
+
+
+@router.get(
+    "/classes/{class_id}/evening-study",
+    response_model=schemas.EveningStudyOut,
+    tags=["作业发布"],
+    summary="班级参加晚自习的星期（环翠：当日书面作业不带回家）",
+)
+async def get_evening_study(
+    class_id: str, principal: CurrentPrincipal, ctx: Ctx
+) -> schemas.EveningStudyOut:
+    return await service.get_evening_study(ctx, principal, class_id)
+
+
+@router.put(
+    "/classes/{class_id}/evening-study",
+    response_model=schemas.EveningStudyOut,
+    tags=["作业发布"],
+    summary="学校管理员设定初中班级参加晚自习的星期（HW-02）",
+)
+async def set_evening_study(
+    class_id: str, body: schemas.EveningStudyIn, principal: CurrentPrincipal, ctx: Ctx
+) -> schemas.EveningStudyOut:
+    return await service.set_evening_study(ctx, principal, class_id, body.weekdays)
+
+
 # ---------------------------------------------------------------- no-written days (HW-04)
 
 

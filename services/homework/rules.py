@@ -21,6 +21,7 @@ from chassis.policy import GradeBand, PolicyProfile, SchoolSystem, grade_band
 
 __all__ = [
     "ALLOWED",
+    "EVENING_STUDY",
     "FORBIDDEN_FLAGS",
     "BurdenAssessment",
     "DayRule",
@@ -37,6 +38,7 @@ __all__ = [
     "daily_loads",
     "day_rule",
     "estimate_gap",
+    "evening_study_keeps_written_at_school",
     "histogram_stats",
     "is_homework_school_day",
     "limit_exceeded",
@@ -135,7 +137,8 @@ class DayRule:
     limit: int
     #: The rule that sets ``limit``: HW-02 on school days, HW-04 otherwise.
     rule: str
-    #: Why no written homework at all is allowed: a festival key or "school_declared".
+    #: Why no written homework at home is allowed: a festival key,
+    #: "school_declared" (HW-04) or "evening_study" (HW-02, 004 §二.2).
     ban: str | None = None
     #: zh-CN description of the ban (festival name or the school's reason).
     ban_label: str | None = None
@@ -167,6 +170,7 @@ def day_rule(
     profile: PolicyProfile,
     calendar: Calendar,
     declared_no_written: str | None = None,
+    evening_study: bool = False,
 ) -> DayRule:
     """The limit and the rule for ``day`` (HW-02, HW-04).
 
@@ -177,7 +181,11 @@ def day_rule(
     default, computed for any year) and a day the school declared without
     written homework allow no written homework at home at all.
     ``declared_no_written`` is the school's reason, when it declared one and
-    the profile lets schools declare such days.
+    the profile lets schools declare such days. ``evening_study``: the class
+    attends evening self-study (晚自习) that day; where the profile says so
+    (环翠, 004 §二.2 "参加晚自习服务的初中学生书面作业不带回家"), a junior
+    class then takes no written homework home on a school day (HW-02, limit 0:
+    it is done in the self-study, ``in_school``).
     """
     band = grade_band(grade, school_system)
     kind = calendar.day_kind(day)
@@ -195,13 +203,43 @@ def day_rule(
     ):
         label = declared_no_written or "学校无书面作业日"
         return DayRule(day, effective, band, 0, HW04, "school_declared", label)
+    if evening_study_keeps_written_at_school(band, effective, evening_study, profile):
+        return DayRule(day, effective, band, 0, HW02, EVENING_STUDY, EVENING_STUDY_ZH)
     return DayRule(day, effective, band, limit, rule)
 
 
+#: ``DayRule.ban`` of a junior class's evening self-study day (HW-02, 004 §二.2).
+EVENING_STUDY: Final = "evening_study"
+EVENING_STUDY_ZH: Final = "晚自习日（书面作业在校完成，不带回家）"
+
+
+def evening_study_keeps_written_at_school(
+    band: GradeBand, day_kind: DayKind, evening_study: bool, profile: PolicyProfile
+) -> bool:
+    """HW-02 (004 §二.2): juniors attending evening self-study on a school day
+    take no written homework home, where the region's profile says so."""
+    return (
+        evening_study
+        and band == "junior"
+        and day_kind in ("school_day", "other")
+        and profile.homework.evening_study_juniors_no_home_written_homework
+    )
+
+
 def check_written_homework_day(kind: str, location: str, rule: DayRule, used: int = 0) -> Verdict:
-    """HW-04: no written homework at home on a festival or a declared day."""
+    """HW-04: no written homework at home on a festival or a declared day;
+    HW-02: none either on a junior class's evening self-study day (环翠)."""
     if rule.ban is None or not is_home_written(kind, location):
         return ALLOWED
+    if rule.ban == EVENING_STUDY:
+        return Verdict(
+            HW02,
+            f"{rule.day} 本班参加晚自习：参加晚自习服务的初中学生书面作业不带回家，"
+            "请在晚自习中完成（地点选择 in_school）。",
+            limit=0,
+            used=used,
+            extras={"date": rule.day.isoformat(), "no_written_homework": rule.ban},
+        )
     if rule.ban == "school_declared":
         why = f"学校已将 {rule.day} 设为无书面作业日（{rule.ban_label}）"
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -339,3 +339,17 @@ class ClassRef(BaseModel):
     class_name: str
     grade: int
     student_ids: list[str] = Field(description="调用者在该班的孩子（家长）或本人（学生）")
+
+
+class EveningStudyIn(BaseModel):
+    weekdays: list[Annotated[int, Field(ge=1, le=7)]] = Field(
+        max_length=7, description="参加晚自习的星期（1=周一 … 7=周日）；空列表即取消"
+    )
+
+
+class EveningStudyOut(BaseModel):
+    class_id: str
+    weekdays: list[int]
+    written_homework_stays_at_school: bool = Field(
+        description="本区域政策下，这些上学日的书面作业是否须在晚自习完成、不带回家（HW-02）"
+    )

@@ -38,6 +38,7 @@ from services.homework.models import (
     BurdenAlert,
     BurdenState,
     ClassDayUsage,
+    EveningStudyClass,
     NoWrittenHomeworkDay,
     Refusal,
     SubjectDayUsage,
@@ -220,6 +221,7 @@ def _day_rule(
     calendar: Calendar,
     day: dt.date,
     declared: str | None,
+    evening_study: bool = False,
 ) -> rules.DayRule:
     assert facts.school_system is not None
     return rules.day_rule(
@@ -229,7 +231,20 @@ def _day_rule(
         profile=profile,
         calendar=calendar,
         declared_no_written=declared,
+        evening_study=evening_study,
     )
+
+
+async def evening_study_weekdays(session: AsyncSession, class_id: str) -> list[int]:
+    weekdays = await session.scalar(
+        select(EveningStudyClass.weekdays).where(EveningStudyClass.class_id == class_id)
+    )
+    return sorted(weekdays or [])
+
+
+async def evening_study_on(session: AsyncSession, class_id: str, day: dt.date) -> bool:
+    """Does the class attend evening self-study (晚自习) on ``day``'s weekday?"""
+    return day.isoweekday() in await evening_study_weekdays(session, class_id)
 
 
 # ---------------------------------------------------------------- authorization
@@ -619,10 +634,11 @@ async def publish(
             raise Problem(403, f"您不是本班「{data.subject}」的任课教师，不能发布该学科作业。")
         await _check_targets(session, facts, data.target_student_ids)
         declared = await declared_reason(session, facts.school_id, data.date)
+        evening = await evening_study_on(session, facts.id, data.date)
         calendar = await calendar_for(session, ctx, facts.region_id, facts.profile_id)
         used_now = await _used(session, CLASS_USAGE, {"class_id": facts.id, "day": data.date})
     profile = class_profile(ctx, facts, data.date)
-    rule = _day_rule(facts, profile, calendar, data.date, declared)
+    rule = _day_rule(facts, profile, calendar, data.date, declared, evening)
     draft = Draft(
         day=data.date,
         subject=data.subject,
@@ -742,12 +758,13 @@ async def edit(
             ) from None
         await _check_targets(session, facts, draft.target_student_ids)
         declared = await declared_reason(session, facts.school_id, draft.day)
+        evening = await evening_study_on(session, facts.id, draft.day)
         calendar = await calendar_for(session, ctx, facts.region_id, facts.profile_id)
         used_now = await _used(session, CLASS_USAGE, {"class_id": facts.id, "day": draft.day})
         version, old_day = a.version, a.day
         old_hold = Hold(a.day, a.subject, a.counted_minutes) if a.counted_minutes else None
     profile = class_profile(ctx, facts, draft.day)
-    rule = _day_rule(facts, profile, calendar, draft.day, declared)
+    rule = _day_rule(facts, profile, calendar, draft.day, declared, evening)
     attempt = Attempt(
         "edit", facts, principal.person_id, draft.day, draft.subject, draft.estimated_minutes
     )
@@ -818,11 +835,12 @@ async def withdraw(
     async with ctx.db.read() as session:
         a, facts = await _managed(session, principal, assignment_id)
         declared = await declared_reason(session, facts.school_id, a.day)
+        evening = await evening_study_on(session, facts.id, a.day)
         calendar = await calendar_for(session, ctx, facts.region_id, facts.profile_id)
         hold = Hold(a.day, a.subject, a.counted_minutes) if a.counted_minutes else None
         day = a.day
     profile = class_profile(ctx, facts, day)
-    rule = _day_rule(facts, profile, calendar, day, declared)
+    rule = _day_rule(facts, profile, calendar, day, declared, evening)
     async with ctx.db.transaction() as session:
         now = utcnow()
         result = await session.execute(
@@ -865,8 +883,9 @@ async def class_usage(
     async with ctx.db.read() as session:
         facts, _ = await visible_class(session, principal, class_id)
         declared = await declared_reason(session, facts.school_id, day)
+        evening = await evening_study_on(session, facts.id, day)
         calendar = await calendar_for(session, ctx, facts.region_id, facts.profile_id)
-        rule = _day_rule(facts, class_profile(ctx, facts, day), calendar, day, declared)
+        rule = _day_rule(facts, class_profile(ctx, facts, day), calendar, day, declared, evening)
         quotas = await class_quotas(session, facts.id)
         return await usage_of(session, facts, rule, quotas)
 
@@ -1038,6 +1057,66 @@ async def set_quotas(
     return schemas.QuotasOut(
         class_id=class_id, limit=limit, total=sum(quotas.values()), quotas=quotas
     )
+
+
+# ---------------------------------------------------------------- evening self-study (HW-02)
+
+
+def _evening_out(
+    ctx: ServiceContext, facts: ClassFacts, weekdays: list[int]
+) -> schemas.EveningStudyOut:
+    profile = class_profile(ctx, facts, local_today())
+    assert facts.school_system is not None
+    band = grade_band(facts.grade, facts.school_system)  # type: ignore[arg-type]
+    return schemas.EveningStudyOut(
+        class_id=facts.id,
+        weekdays=weekdays,
+        written_homework_stays_at_school=bool(weekdays)
+        and rules.evening_study_keeps_written_at_school(band, "school_day", True, profile),
+    )
+
+
+async def get_evening_study(
+    ctx: ServiceContext, principal: Principal, class_id: str
+) -> schemas.EveningStudyOut:
+    async with ctx.db.read() as session:
+        facts, _ = await visible_class(session, principal, class_id)
+        weekdays = await evening_study_weekdays(session, class_id)
+    return _evening_out(ctx, facts, weekdays)
+
+
+async def set_evening_study(
+    ctx: ServiceContext, principal: Principal, class_id: str, weekdays: list[int]
+) -> schemas.EveningStudyOut:
+    """HW-02 (004 §二.2): the school admin records the weekdays a junior class
+    attends evening self-study; an empty list removes it."""
+    async with ctx.db.read() as session:
+        facts = await class_facts(session, class_id)
+    if facts is None or not _school_admin_of(principal, facts.school_id):
+        raise not_found("班级不存在。")
+    class_profile(ctx, facts, local_today())  # the roster copy is complete
+    assert facts.school_system is not None
+    if weekdays and grade_band(facts.grade, facts.school_system) != "junior":  # type: ignore[arg-type]
+        raise Problem(
+            422,
+            "晚自习只面向初中学生。",
+            errors=[FieldError(field="body.weekdays", message=f"{facts.grade} 年级不是初中")],
+        )
+    async with ctx.db.transaction() as session:
+        await session.execute(
+            delete(EveningStudyClass).where(EveningStudyClass.class_id == class_id)
+        )
+        if weekdays:
+            session.add(
+                EveningStudyClass(
+                    class_id=class_id,
+                    school_id=facts.school_id,
+                    weekdays=sorted(set(weekdays)),
+                    set_by=principal.person_id or principal.subject,
+                    updated_at=utcnow(),
+                )
+            )
+    return _evening_out(ctx, facts, sorted(set(weekdays)))
 
 
 # ---------------------------------------------------------------- declared days (HW-04)
@@ -1535,6 +1614,15 @@ async def public_school_day(
             ).all()
         )
         declared = await declared_reason(session, school_id, day)
+        evening = {
+            class_id
+            for class_id, weekdays in await session.execute(
+                select(EveningStudyClass.class_id, EveningStudyClass.weekdays).where(
+                    EveningStudyClass.school_id == school_id
+                )
+            )
+            if day.isoweekday() in (weekdays or [])
+        }
         calendar = await calendar_for(session, ctx, school.region_id, school.profile_id)
     profile = profile_for(ctx, school.region_id, school.profile_id, day)
     by_class: dict[str, schemas.PublicClassDay] = {}
@@ -1550,8 +1638,10 @@ async def public_school_day(
                 profile=profile,
                 calendar=calendar,
                 declared_no_written=declared,
+                evening_study=a.class_id in evening,
             )
-            ban = rule.ban_label if rule.ban else ban
+            if rule.ban is not None and rule.ban != rules.EVENING_STUDY:
+                ban = rule.ban_label  # school-wide: a festival or a declared day
             entry = by_class[a.class_id] = schemas.PublicClassDay(
                 class_id=a.class_id,
                 class_name=klass["name"] if klass else "",

@@ -227,6 +227,72 @@ async def test_hw02_grade6_is_junior_high_in_a_5_4_school(world: World):
     await world.publish("S6", world.teacher("TS"), estimated_minutes=60)
 
 
+async def test_hw02_huancui_evening_study_keeps_written_homework_at_school(world: World):
+    """环翠 (004 §二.2): the school admin records the weekdays a junior class
+    attends evening self-study; on those school days written homework cannot
+    be given home (HW-02, limit 0) but can be done in the self-study."""
+    await world.roster.region("weihai-huancui")
+    await world.roster.school("W1", "weihai-huancui", "5-4", "nine_year")
+    await world.roster.teacher("TW", "W1")
+    await world.roster.klass("W7", "W1", 7, None, [("TW", "math")])
+    await world.roster.klass("W5", "W1", 5, None, [("TW", "math")])
+    admin = world.school_admin("W1")
+    url = "/classes/W7/evening-study"
+    r = await world.client.put(url, json={"weekdays": [2, 4]}, headers=admin)
+    assert r.status_code == 200, r.text
+    assert r.json() == {
+        "class_id": "W7",
+        "weekdays": [2, 4],
+        "written_homework_stays_at_school": True,
+    }
+    teacher = world.teacher("TW", school="W1")
+    # SCHOOL_DAY is a Tuesday.
+    home = await world.publish("W7", teacher, expect=422, estimated_minutes=30)
+    assert (home.json()["rule"], home.json()["limit"]) == ("HW-02", 0)
+    assert "晚自习" in home.json()["detail"]
+    extended = await world.publish("W7", teacher, expect=422, layer="extended")
+    assert extended.json()["rule"] == "HW-02"
+    at_school = await world.publish("W7", teacher, location="in_school", estimated_minutes=40)
+    assert at_school.json()["usage"]["limit"] == 0
+    # Wednesday: no self-study, the junior limit.
+    wednesday = SCHOOL_DAY + D.timedelta(days=1)
+    ok = await world.publish("W7", teacher, date=wednesday, estimated_minutes=80)
+    assert (ok.json()["usage"]["limit"], ok.json()["usage"]["used"]) == (90, 80)
+    usage = await world.client.get(
+        "/classes/W7/usage", params={"date": SCHOOL_DAY.isoformat()}, headers=teacher
+    )
+    assert usage.json()["no_written_homework"] and usage.json()["limit"] == 0
+    # The public list shows the class's 0 limit, but the day is not school-wide.
+    public = await world.client.get(
+        "/public/schools/W1/assignments", params={"date": SCHOOL_DAY.isoformat()}
+    )
+    assert public.json()["no_written_homework"] is None
+    assert public.json()["classes"][0]["limit"] == 0
+    # Grade 5 is primary in a 5-4 school: no evening self-study.
+    primary = await world.client.put(
+        "/classes/W5/evening-study", json={"weekdays": [1]}, headers=admin
+    )
+    assert primary.status_code == 422 and primary.json()["errors"]
+    # Only the school's admin sets it; other schools' admins and teachers see 404.
+    for headers in (world.school_admin("S1"), teacher):
+        denied = await world.client.put(url, json={"weekdays": [1]}, headers=headers)
+        assert denied.status_code == 404
+    bad = await world.client.put(url, json={"weekdays": [0, 8]}, headers=admin)
+    assert bad.status_code == 422
+    # Removing it lifts the restriction.
+    cleared = await world.client.put(url, json={"weekdays": []}, headers=admin)
+    assert cleared.json()["written_homework_stays_at_school"] is False
+    await world.publish("W7", teacher, estimated_minutes=30)
+    # In jinhua (national rule) the same record does not restrict homework.
+    await world.roster.teacher("TJ", "S1")
+    await world.roster.klass("J8", "S1", 8, None, [("TJ", "math")])
+    r = await world.client.put(
+        "/classes/J8/evening-study", json={"weekdays": [2]}, headers=world.school_admin()
+    )
+    assert r.json()["written_homework_stays_at_school"] is False
+    await world.publish("J8", world.teacher("TJ"), estimated_minutes=30)
+
+
 async def test_hw02_optional_reading_and_in_school_work_do_not_count(world: World):
     await world.publish("C1", world.teacher("TM"), estimated_minutes=60)
     for fields in (

@@ -64,6 +64,30 @@ def test_hw02_huancui_profile_grade6_junior_in_5_4_school() -> None:
     assert rule_for(TUESDAY, 6, "6-3", profile=HUANCUI).limit == 60
 
 
+def test_hw02_huancui_juniors_in_evening_study_take_no_written_homework_home() -> None:
+    """004 §二.2 "参加晚自习服务的初中学生书面作业不带回家": in 环翠 a junior class
+    on an evening self-study school day has 0 minutes of written homework at
+    home (HW-02); it is done in the self-study (in school)."""
+    rule = rule_for(TUESDAY, 6, "5-4", profile=HUANCUI, evening_study=True)
+    assert (rule.rule, rule.limit, rule.ban) == ("HW-02", 0, rules.EVENING_STUDY)
+    refused = rules.check_written_homework_day("written", "at_home", rule)
+    assert (refused.rule, refused.limit) == ("HW-02", 0)
+    assert "晚自习" in refused.detail
+    assert rules.check_written_homework_day("written", "in_school", rule).ok
+    assert rules.check_written_homework_day("reading", "at_home", rule).ok
+    # Without evening study that day, the junior limit.
+    assert rule_for(TUESDAY, 6, "5-4", profile=HUANCUI).limit == 90
+    # Not on a weekend (no self-study; the weekend cap applies), not for primary
+    # grades, and not where the profile does not say so (national).
+    weekend = rule_for(SATURDAY, 7, "5-4", profile=HUANCUI, evening_study=True)
+    assert weekend.ban is None and weekend.rule == "HW-04"
+    assert rule_for(TUESDAY, 5, "5-4", profile=HUANCUI, evening_study=True).ban is None
+    national = rule_for(TUESDAY, 8, "6-3", profile=NATIONAL, evening_study=True)
+    assert (national.ban, national.limit) == (None, 90)
+    assert HUANCUI.homework.evening_study_juniors_no_home_written_homework
+    assert not NATIONAL.homework.evening_study_juniors_no_home_written_homework
+
+
 def test_hw02_only_basic_written_at_home_counts() -> None:
     assert rules.counts_toward_daily_limit("written", "basic", "at_home")
     assert not rules.counts_toward_daily_limit("written", "basic", "in_school")
