@@ -351,6 +351,41 @@ async def test_hw06_daily_recheck_closes_the_alert_without_any_new_report(
     )
 
 
+async def test_hw06_daily_recheck_opens_an_alert_when_the_calendar_changes(
+    world: World, fixed_today, nats_server
+):
+    """No report is needed to open either: an operator loads days off (X-05)
+    that take light days out of the window, the heavy days become the
+    majority, and the next daily run opens the alert (once)."""
+    from services.homework.models import roster as roster_tables
+
+    fixed_today(D.date(2026, 11, 27))
+    for day in (D.date(2026, 11, d) for d in (17, 18, 19, 20)):
+        aid = (
+            await world.publish("C1", world.teacher("TM"), date=day, estimated_minutes=50)
+        ).json()["assignment"]["id"]
+        assert (await report(world, aid, "P1", 80, world.parent("G1"))).status_code == 200
+    # Window 19..27: two heavy days of seven, no alert.
+    r = await world.client.get("/oversight/alerts", headers=world.bureau())
+    assert r.json() == []
+    for d in (23, 24, 25):
+        await world.roster._put(
+            roster_tables.holidays,
+            {"year": 2026, "day": D.date(2026, 11, d), "name": "停课", "is_workday_swap": False},
+        )
+    # Monday 30th: the window is 17,18,19,20,26,27,30 (it would have been
+    # 20,23..27,30 with one heavy day): four heavy days of seven.
+    monday = D.date(2026, 11, 30)
+    first = await hw_service.recheck_burden(world.svc.ctx, monday)
+    again = await hw_service.recheck_burden(world.svc.ctx, monday)
+    assert (first.opened, again.opened, again.checked) == (1, 0, 0)
+    [alert] = (await world.client.get("/oversight/alerts", headers=world.bureau())).json()
+    assert (alert["status"], alert["open_median_minutes"]) == ("open", 80.0)
+    assert (alert["open_window_start"], alert["open_window_end"]) == ("2026-11-17", "2026-11-30")
+    seen = await burden_events(nats_server, "test-recheck-open", 1)
+    assert [e["type"] for e in seen] == ["homework.burden.alert.opened.v1"]
+
+
 async def test_hw06_daily_recheck_skips_classes_without_homework_in_the_window(
     world: World, fixed_today
 ):
