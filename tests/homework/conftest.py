@@ -15,7 +15,7 @@ from chassis.db import utcnow
 from chassis.roster import upsert
 from services.homework import service as hw_service
 from services.homework.models import roster
-from tests.support import auth
+from tests.support import auth, eventually
 
 #: A Tuesday in a year no holiday package covers (computed fallback calendar).
 SCHOOL_DAY = dt.date(2150, 3, 10)
@@ -177,9 +177,21 @@ async def build_world(svc: Any, mint: Callable[..., str]) -> World:
     return world
 
 
+async def startup_jobs_done(svc: Any) -> None:
+    """Wait for the start-up run of the periodic jobs (HW-06 burden re-check),
+    so it cannot interleave with a test's writes and dates."""
+    runners = list(svc.ctx.jobs.values())
+
+    async def done() -> bool:
+        return all(r.runs + r.failures >= 1 for r in runners)
+
+    await eventually(done)
+
+
 @pytest.fixture
 async def world(start_service, mint) -> World:
     svc = await start_service("homework")
+    await startup_jobs_done(svc)
     return await build_world(svc, mint)
 
 

@@ -14,7 +14,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from services.homework import rules
 from services.homework import service as hw_service
 from services.homework.app import SPEC
-from tests.homework.conftest import World
+from tests.homework.conftest import World, startup_jobs_done
 from tests.support import eventually
 
 pytestmark = pytest.mark.asyncio
@@ -166,7 +166,7 @@ async def test_hw06_burden_alert_opens_once_and_closes_through_nats(
                 )
                 psub = await js.pull_subscribe_bind(durable="test-burden", stream="HOMEWORK")
                 msgs = await psub.fetch(10, timeout=1)
-            except (nats.errors.TimeoutError, nats.js.errors.NotFoundError):
+            except (nats.errors.TimeoutError, TimeoutError, nats.js.errors.NotFoundError):
                 return False
             for msg in msgs:
                 seen.append(json.loads(msg.data))
@@ -274,7 +274,7 @@ async def burden_events(nats_server, durable: str, expected: int) -> list[dict]:
                 )
                 psub = await js.pull_subscribe_bind(durable=durable, stream="HOMEWORK")
                 msgs = await psub.fetch(10, timeout=1)
-            except (nats.errors.TimeoutError, nats.js.errors.NotFoundError):
+            except (nats.errors.TimeoutError, TimeoutError, nats.js.errors.NotFoundError):
                 return False
             for msg in msgs:
                 seen.append(json.loads(msg.data))
@@ -286,7 +286,7 @@ async def burden_events(nats_server, durable: str, expected: int) -> list[dict]:
         psub = await js.pull_subscribe_bind(durable=durable, stream="HOMEWORK")
         try:
             extra = await psub.fetch(10, timeout=1.5)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
             extra = []
         seen.extend(json.loads(m.data) for m in extra)
     finally:
@@ -302,6 +302,9 @@ async def test_hw06_daily_recheck_closes_the_alert_without_any_new_report(
     the window, with no report and no publication; two replicas running it at
     once, and a re-run, emit the close exactly once (X-02)."""
     assert [j.name for j in SPEC.periodic_jobs] == ["burden_recheck"]
+    # The running service has the job, and its start-up (catch-up) run succeeded.
+    runner = world.svc.ctx.jobs["burden_recheck"]
+    assert (runner.runs, runner.failures) == (1, 0)
     fixed_today(TODAY)
     for day in WINDOW:
         aid = (
@@ -325,6 +328,7 @@ async def test_hw06_daily_recheck_closes_the_alert_without_any_new_report(
     assert [a["status"] for a in await alerts()] == ["open"]
     # Thursday 26th: 18,19,20,23,24,25,26 -> three heavy days: the median is 0.
     second = await start_service("homework")  # a second replica, same database
+    await startup_jobs_done(second)
     thursday = D.date(2026, 11, 26)
     results = await asyncio.gather(
         hw_service.recheck_burden(world.svc.ctx, thursday),
