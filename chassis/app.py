@@ -6,7 +6,6 @@ to NATS in the background, and starts the outbox relay and the consumers.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from chassis.config import PlatformSettings, ServiceSettings, platform_settings,
 from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, ProblemDetail, install_problem_handlers
 from chassis.events import Bus
+from chassis.lifecycle import stop_within
 from chassis.messaging import EventConsumer, OutboxRelay, Subscription
 from chassis.migrations import database_revisions, head_revisions, upgrade_async
 from chassis.observability import Metrics, RequestContextMiddleware, configure_logging
@@ -32,9 +32,6 @@ from chassis.policy import PolicyRegistry
 from chassis.scheduler import JobRunner, PeriodicJob, job_interval
 
 log = structlog.get_logger("app")
-
-
-SHUTDOWN_STEP_SECONDS = 5.0
 
 
 @dataclass
@@ -131,24 +128,15 @@ def create_service_app(
         try:
             yield
         finally:
-            # Bounded: a stop that hangs must not keep the process from exiting
-            # (what is unfinished is redelivered or relayed after restart).
-            # asyncio.wait, not wait_for: wait_for would wait for a stuck step
-            # to finish being cancelled.
-            stopping_steps = [
-                *(j.stop() for j in ctx.jobs.values()),
-                *(c.stop() for c in ctx.consumers),
-                relay.stop(),
-            ]
-            for stopping in stopping_steps:
-                step = asyncio.ensure_future(stopping)
-                done, _ = await asyncio.wait({step}, timeout=SHUTDOWN_STEP_SECONDS)
-                if not done:
-                    log.warning("shutdown_step_timed_out", service=spec.name)
-                elif step.exception() is not None:
-                    log.warning("shutdown_step_failed", error=repr(step.exception()))
-            await bus.close()
-            await db.dispose()
+            # Bounded (chassis.lifecycle): a stop that hangs must not keep the
+            # process from exiting.
+            for job_name, runner in ctx.jobs.items():
+                await stop_within(runner.stop(), f"job {job_name}")
+            for consumer in ctx.consumers:
+                await stop_within(consumer.stop(), f"consumer {consumer.durable}")
+            await stop_within(relay.stop(), "outbox relay")
+            await stop_within(bus.close(), "nats")
+            await stop_within(db.dispose(), "database")
             log.info("service_stopped", service=spec.name)
 
     app = FastAPI(

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from chassis.lifecycle import stop_within
 from contracts.base import DEAD_LETTER_STREAM, StreamSpec
 
 log = structlog.get_logger("bus")
@@ -124,12 +125,6 @@ class Bus:
         self._closing = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
-            try:
-                await asyncio.wait_for(self._task, 5)
-            except (asyncio.CancelledError, Exception):
-                pass
+            await stop_within(self._task, "nats connector")
         if self.nc is not None and not self.nc.is_closed:
-            try:
-                await asyncio.wait_for(self.nc.close(), 5)
-            except Exception as exc:
-                log.warning("nats_close_failed", error=str(exc))
+            await stop_within(self.nc.close(), "nats connection")

@@ -32,6 +32,7 @@ from chassis.config import PlatformSettings, platform_settings
 from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
 from chassis.events import Bus
+from chassis.lifecycle import bounded
 from chassis.messaging import EventConsumer
 from chassis.migrations import upgrade_async
 from chassis.observability import configure_logging
@@ -118,7 +119,7 @@ def create_app(
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 trust_env=False,
             )
-            stack.push_async_callback(rt.http.close)
+            stack.push_async_callback(bounded(rt.http.close, "rt.http.close"))
             rt.verifier = CachedVerifier(
                 TokenVerifier(
                     key_source or JwksKeySource(plat.auth_jwks_url),
@@ -134,9 +135,9 @@ def create_app(
                     else MemoryBuckets()
                 )
                 rt.limiter = RateLimiter(settings.rate_limits, store)
-                stack.push_async_callback(rt.limiter.close)
+                stack.push_async_callback(bounded(rt.limiter.close, "rt.limiter.close"))
             registry.start(rt.http)
-            stack.push_async_callback(registry.stop)
+            stack.push_async_callback(bounded(registry.stop, "registry.stop"))
             if settings.webhooks_enabled:
                 await _start_webhooks(stack, settings, plat, rt, api)
             log.info(
@@ -278,21 +279,21 @@ async def _start_webhooks(
     if settings.run_migrations:
         await upgrade_async(MIGRATIONS_DIR, url)
     db = Database(url, service="gateway", pool_size=settings.db_pool_size)
-    stack.push_async_callback(db.dispose)
+    stack.push_async_callback(bounded(db.dispose, "db.dispose"))
     rt.extras["db"] = db
     graph = TenantGraph()
     await graph.load(db)
     dispatcher = Dispatcher(db, settings, rt.metrics)
     dispatcher.start()
-    stack.push_async_callback(dispatcher.stop)
+    stack.push_async_callback(bounded(dispatcher.stop, "dispatcher.stop"))
     bus = Bus(plat.nats_servers, name="gateway")
     bus.start()
-    stack.push_async_callback(bus.close)
+    stack.push_async_callback(bounded(bus.close, "bus.close"))
     rt.extras["bus"] = bus
     intake = Intake(settings, graph, dispatcher.wake)
     for subscription in intake.subscriptions():
         consumer = EventConsumer(db, bus, subscription, service="gateway", metrics=rt.metrics)
         consumer.start()
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(bounded(consumer.stop, "consumer.stop"))
     rt.extras.update(dispatcher=dispatcher, intake=intake, graph=graph)
     api.state.webhooks = WebhookContext(db=db, settings=settings, wake=dispatcher.wake)
