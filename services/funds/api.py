@@ -187,6 +187,20 @@ async def open_account(
     return await _money(ctx, request, principal, work, 201)
 
 
+@router.post(
+    "/accounts/{account_id}/close",
+    response_model=schemas.AccountOut,
+    tags=["专户"],
+    summary="监管银行销户：合同均已结清且各项余额为零（FUND-01）",
+)
+async def close_account(account_id: str, request: Request, ctx: Ctx, principal: Bank) -> Response:
+    async def work(session: AsyncSession) -> schemas.AccountOut:
+        account = await service.close_account(session, principal, account_id)
+        return schemas.AccountOut.model_validate(account)
+
+    return await _money(ctx, request, principal, work)
+
+
 async def _balances(session: AsyncSession, account: EscrowAccount) -> schemas.AccountBalance:
     inst = account.institution_id
     contract_ids = select(Contract.id).where(Contract.account_id == account.id)
@@ -524,6 +538,36 @@ async def answer_lesson(
             lesson_id,
             confirm=body.confirm,
             reason=body.reason,
+            today=today,
+        )
+        return schemas.LessonOut.model_validate(lesson)
+
+    return await _money(ctx, request, principal, work)
+
+
+@router.post(
+    "/lessons/{lesson_id}/resolution",
+    response_model=schemas.LessonOut,
+    tags=["课次"],
+    summary="处理课次异议：监管部门裁定，或机构认可未上课、家长撤回异议（FUND-04）",
+)
+async def resolve_dispute(
+    lesson_id: str,
+    body: schemas.DisputeResolution,
+    request: Request,
+    ctx: Ctx,
+    principal: CurrentPrincipal,
+) -> Response:
+    today = _today()
+
+    async def work(session: AsyncSession) -> schemas.LessonOut:
+        lesson = await service.resolve_dispute(
+            session,
+            ctx.policies,
+            principal,
+            lesson_id,
+            delivered=body.delivered,
+            note=body.note,
             today=today,
         )
         return schemas.LessonOut.model_validate(lesson)
