@@ -1,7 +1,9 @@
 """funds's HTTP routes: parse, authorize, call a use case, shape the reply.
 
 Every money-moving POST takes an ``Idempotency-Key`` (FUND-09) and runs its
-use case inside the transaction that also remembers the response. Bank
+use case inside the transaction that also claims the key and remembers the
+response; waiting requests share one transaction and one commit (group
+commit, ``services/funds/writer.py``). Bank
 callbacks are also signed (``X-Bank-Signature: t=<unix>,v1=<hex HMAC-SHA256
 of "<t>." + body>``) with the custodian banks' shared secret.
 """
@@ -38,6 +40,7 @@ from services.funds.models import (
     RiskAlert,
     roster,
 )
+from services.funds.writer import PostingWriter
 
 router = APIRouter()
 OVERSIGHT = ("bureau", "regulator")
@@ -79,10 +82,12 @@ async def _money(
     work: Callable[[AsyncSession], Awaitable[Any]],
     status_code: int = 200,
 ) -> Response:
-    claim = await idempotency.begin(ctx.db, request, principal)
-    if isinstance(claim, Response):
-        return claim
-    return await idempotency.run(ctx.db, claim, work, status_code=status_code)
+    """Run a money-moving use case through the posting writer: claim of the
+    Idempotency-Key, the use case and its stored reply in one transaction
+    shared with the other requests waiting (group commit, services/funds/writer.py)."""
+    claim = await idempotency.identify(request, principal)
+    writer: PostingWriter = ctx.extras["posting_writer"]
+    return await writer.submit(claim, work, status_code)
 
 
 def _today(as_of: dt.date | None = None) -> dt.date:

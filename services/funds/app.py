@@ -15,6 +15,7 @@ from contracts import institutions as inst
 from services.funds import service
 from services.funds.api import router
 from services.funds.models import Base, roster
+from services.funds.writer import PostingWriter
 
 # Shared secret of the custodian banks' signed callbacks (X-Bank-Signature).
 BANK_SECRET_ENV = "FUNDS_BANK_CALLBACK_SECRET"
@@ -52,6 +53,7 @@ sweep_job = PeriodicJob("sweep", run_sweep, interval_seconds=600, run_at_start=T
 
 async def on_startup(ctx: ServiceContext, app: FastAPI) -> None:
     ctx.extras["bank_secret"] = os.environ.get(BANK_SECRET_ENV, DEV_BANK_SECRET)
+    ctx.extras["posting_writer"] = PostingWriter(ctx.db)
 
 
 SPEC = ServiceSpec(
