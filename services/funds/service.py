@@ -1057,6 +1057,104 @@ async def answer_lessons(
     return answered
 
 
+async def confirm_lessons_each(
+    session: AsyncSession,
+    policies: PolicyRegistry,
+    requests: list[tuple[Principal, str]],
+    today: dt.date,
+) -> list[Lesson | Problem]:
+    """Many parents' single confirmations (``answer_lesson`` with ``confirm``),
+    answered set-wise: a handful of statements for the whole set instead of a
+    score per request, one posting per lesson chained under one head lock.
+    Each request gets exactly what ``answer_lesson`` would have answered, in
+    this order (the requests were concurrent, so any order is a valid one):
+    its lesson, or its refusal (404 / 409) as a Problem."""
+    ids = sorted({lesson_id for _, lesson_id in requests})
+    found = {
+        lesson.id: lesson
+        for lesson in (await session.execute(select(Lesson).where(Lesson.id.in_(ids)))).scalars()
+    }
+    contract_ids = sorted({lesson.contract_id for lesson in found.values()})
+    contracts = {
+        c.id: c
+        for c in (
+            await session.execute(
+                select(Contract)
+                .where(Contract.id.in_(contract_ids))
+                .order_by(Contract.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    locked = {
+        lesson.id: lesson
+        for lesson in (
+            await session.execute(
+                select(Lesson)
+                .where(Lesson.id.in_(list(found)))
+                .order_by(Lesson.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    account_ids = sorted({c.account_id for c in contracts.values()})
+    accounts = {
+        a.id: a
+        for a in (
+            await session.execute(
+                select(EscrowAccount)
+                .where(EscrowAccount.id.in_(account_ids))
+                .order_by(EscrowAccount.id)
+                .with_for_update(read=True)
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    codes = [code for c in contract_ids for code in (ledger.escrow(c), ledger.reserve(c))]
+    bal = await ledger.cached_balances(session, codes)
+    policy_of: dict[str, FundsPolicy] = {}
+    postings: list[Posting] = []
+    answers: list[Lesson | Problem] = []
+    touched: dict[str, Contract] = {}
+    for principal, lesson_id in requests:
+        lesson = locked.get(lesson_id)
+        contract = None if lesson is None else contracts.get(lesson.contract_id)
+        if lesson is None or contract is None or principal.person_id != contract.guardian_id:
+            answers.append(not_found("课次不存在。"))
+            continue
+        if lesson.status != "reported":
+            answers.append(
+                conflict("该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status)
+            )
+            continue
+        if contract.region_id not in policy_of:
+            policy_of[contract.region_id] = await funds_policy(
+                session, policies, contract.region_id, today
+            )
+        lesson.answered_at = utcnow()
+        lesson.status = "confirmed"
+        contract.reported_lessons -= 1
+        contract.confirmed_lessons += 1
+        postings += _settle_postings(
+            contract, accounts[contract.account_id], policy_of[contract.region_id], bal
+        )
+        touched[contract.id] = contract
+        answers.append(lesson)
+    if postings:
+        await ledger.post_many(session, postings)
+    for contract in touched.values():
+        if contract.released_lessons == contract.confirmed_lessons:
+            for answer in answers:
+                if isinstance(answer, Lesson) and answer.contract_id == contract.id:
+                    answer.released = True
+    await session.flush()
+    for contract in touched.values():
+        await _mark_released(session, contract)
+    return answers
+
+
 # ---------------------------------------------------------------- refunds (FUND-06)
 
 

@@ -23,6 +23,12 @@ database transaction, in arrival order:
   its own transaction; a request that fails alone gets a 503 problem telling
   the client to retry with the same key (its claim was never committed).
 
+Requests that say how (``SetWise``, e.g. parents' single lesson
+confirmations) are answered set-wise within the group — a handful of
+statements for the whole set instead of a score per request — with exactly
+the reply each would have had alone; if the set fails, each runs the
+ordinary way.
+
 The database stays the authority: the ledger head row is locked and the
 chain continued from what the database holds, so several replicas (each with
 its own writer) stay correct; they simply take turns on the head lock.
@@ -56,12 +62,29 @@ Work = Callable[[AsyncSession], Awaitable[Any]]
 MAX_GROUP = 256
 
 
+@dataclass(frozen=True)
+class SetWise:
+    """How a request can be answered together with others of the same
+    ``key``: ``run_many(session, [(claim, payload), ...])`` claims their keys,
+    does the work set-wise, stores the replies, and returns per request its
+    reply, a Problem, or None for "run it the ordinary way" (e.g. its key
+    was already taken)."""
+
+    key: str
+    payload: Any
+    run_many: Callable[
+        [AsyncSession, list[tuple[idempotency.IdempotentRequest, Any]]],
+        Awaitable[list[Response | Problem | None]],
+    ]
+
+
 @dataclass
 class _Request:
     claim: idempotency.IdempotentRequest
     work: Work
     status_code: int
     future: asyncio.Future[Response] = field(repr=False)
+    setwise: SetWise | None = None
 
 
 @dataclass
@@ -70,6 +93,7 @@ class WriterStats:
     requests: int = 0
     failed_groups: int = 0
     largest_group: int = 0
+    setwise: int = 0  # requests answered set-wise
 
 
 class PostingWriter:
@@ -81,11 +105,16 @@ class PostingWriter:
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(
-        self, claim: idempotency.IdempotentRequest, work: Work, status_code: int = 200
+        self,
+        claim: idempotency.IdempotentRequest,
+        work: Work,
+        status_code: int = 200,
+        *,
+        setwise: SetWise | None = None,
     ) -> Response:
         """Queue one idempotent request; its reply once its group has committed."""
         future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(claim, work, status_code, future))
+        self._queue.append(_Request(claim, work, status_code, future, setwise))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain(), name="funds-posting-writer")
         return await asyncio.shield(future)
@@ -134,11 +163,43 @@ class PostingWriter:
             await self._write([request])
 
     async def _run_group(self, group: list[_Request]) -> list[Response | BaseException]:
-        replies: list[Response | BaseException] = []
+        replies: dict[int, Response | BaseException] = {}
+        sets: dict[str, list[int]] = {}
+        for i, request in enumerate(group):
+            if request.setwise is not None:
+                sets.setdefault(request.setwise.key, []).append(i)
         async with self.db.transaction() as session:
-            for request in group:
-                replies.append(await self._run_one(session, request))
-        return replies
+            for members in sets.values():
+                if len(members) > 1:
+                    replies.update(
+                        await self._run_set(session, [group[i] for i in members], members)
+                    )
+            for i, request in enumerate(group):
+                if i not in replies:
+                    replies[i] = await self._run_one(session, request)
+        return [replies[i] for i in range(len(group))]
+
+    async def _run_set(
+        self, session: AsyncSession, requests: list[_Request], positions: list[int]
+    ) -> dict[int, Response | BaseException]:
+        """Requests answerable set-wise, in one savepoint; if anything goes
+        wrong there, none of it stays and each runs the ordinary way."""
+        setwise = requests[0].setwise
+        assert setwise is not None
+        events: list[Any] = session.info.setdefault("outbox_events", [])
+        mark = len(events)
+        try:
+            async with session.begin_nested():
+                answers = await setwise.run_many(
+                    session,
+                    [(r.claim, r.setwise.payload) for r in requests if r.setwise is not None],
+                )
+        except Exception as exc:
+            del events[mark:]
+            log.warning("setwise_failed", size=len(requests), error=repr(exc))
+            return {}
+        self.stats.setwise += sum(1 for a in answers if a is not None)
+        return {i: a for i, a in zip(positions, answers, strict=True) if a is not None}
 
     async def _run_one(self, session: AsyncSession, request: _Request) -> Response | BaseException:
         events: list[Any] = session.info.setdefault("outbox_events", [])

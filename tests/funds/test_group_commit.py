@@ -128,3 +128,47 @@ async def test_fund09_failed_group_leaves_no_partial_posting(funds: Funds) -> No
         assert (await s.scalar(select(func.count()).select_from(JournalTransaction))) == len(
             journal
         )
+
+
+async def test_fund04_fund09_concurrent_confirmations_answered_setwise(funds: Funds) -> None:
+    """Parents' single confirmations waiting together are answered set-wise:
+    each gets its own reply (its lesson, a refusal, or the replay of its key),
+    every lesson is released exactly once (FUND-04), the books balance."""
+    writer: PostingWriter = funds.svc.ctx.extras["posting_writer"]
+    before = writer.stats.setwise
+    await funds.ready_institution("i1", "c1", price=10000)
+    parent = await funds.family("g1", "s1", "s2")
+    stranger = await funds.family("g2", "s9")
+    c1 = await funds.paid_contract(parent, "i1", "c1", "s1", lessons=10)
+    c2 = await funds.paid_contract(parent, "i1", "c1", "s2", lessons=10)
+    lessons = [(await funds.report(c["id"], "i1")).json() for c in (c1, c2) for _ in range(8)]
+    calls = [
+        funds.post(f"/lessons/{x['id']}/answer", parent, {"confirm": True}, key=x["id"])
+        for x in lessons
+    ]
+    # The same key twice (a retry), a second tap with a new key, a stranger.
+    calls.append(
+        funds.post(
+            f"/lessons/{lessons[0]['id']}/answer", parent, {"confirm": True}, key=lessons[0]["id"]
+        )
+    )
+    calls.append(funds.post(f"/lessons/{lessons[1]['id']}/answer", parent, {"confirm": True}))
+    calls.append(funds.post(f"/lessons/{lessons[2]['id']}/answer", stranger, {"confirm": True}))
+    replies = await asyncio.gather(*calls)
+    assert [r.status_code for r in replies[:16]] == [200] * 16, [r.text for r in replies]
+    assert all(r.json()["status"] == "confirmed" and r.json()["released"] for r in replies[:16])
+    assert replies[16].status_code == 200 and replies[16].content == replies[0].content
+    assert replies[17].status_code == 409 and replies[17].json()["rule"] == "FUND-04"
+    assert replies[18].status_code == 404
+    assert writer.stats.setwise > before  # the set-wise path answered some of them
+    # 8 lessons × 100 yuan released per contract, 10 % kept in the reserve.
+    for c in (c1, c2):
+        assert await funds.balance(ledger.escrow(c["id"])) == 20000
+        assert await funds.balance(ledger.reserve(c["id"])) == 8000
+    assert await funds.balance(ledger.releasable("i1")) == 2 * 72000
+    # A repeat later replays the stored reply byte for byte.
+    again = await funds.post(
+        f"/lessons/{lessons[5]['id']}/answer", parent, {"confirm": True}, key=lessons[5]["id"]
+    )
+    assert again.content == replies[5].content
+    await funds.check_books()
