@@ -696,11 +696,11 @@ async def confirm_lessons(
 ) -> Response:
     today = _today()
 
-    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+    async def work(session: AsyncSession) -> schemas.LessonList:
         lessons = await service.answer_lessons(
             session, ctx.policies, principal, body.lesson_ids, today
         )
-        return [schemas.LessonOut.model_validate(x) for x in lessons]
+        return schemas.LessonList([schemas.LessonOut.model_validate(x) for x in lessons])
 
     return await _money(ctx, request, principal, work)
 

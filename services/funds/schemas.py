@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
 class In(BaseModel):
@@ -120,6 +120,10 @@ class LessonOut(Out):
     resolve_by: dt.date | None = Field(default=None, description="异议处理期限")
     resolution: str | None = Field(default=None, description="delivered | not_delivered")
     resolved_by: str | None = None
+
+
+class LessonList(RootModel[list[LessonOut]]):
+    pass
 
 
 class DisputeResolution(In):

@@ -991,63 +991,89 @@ async def settle(
     return postings
 
 
+LESSON_COLUMNS = (
+    Lesson.id,
+    Lesson.contract_id,
+    Lesson.seq,
+    Lesson.delivered_on,
+    Lesson.auto_confirm_on,
+    Lesson.status,
+    Lesson.released,
+    Lesson.dispute_reason,
+    Lesson.resolve_by,
+    Lesson.resolution,
+    Lesson.resolved_by,
+)
+
+
 async def answer_lessons(
     session: AsyncSession,
     policies: PolicyRegistry,
     principal: Principal | None,
     lesson_ids: list[str],
     today: dt.date,
-) -> list[Lesson]:
+) -> list[dict[str, Any]]:
     """Batched confirmation (FUND-04): many lessons, one posting per lesson,
-    all chained under one ledger-head lock. ``principal`` None: auto-confirm."""
-    found = (
-        (await session.execute(select(Lesson).where(Lesson.id.in_(sorted(set(lesson_ids))))))
-        .scalars()
-        .all()
-    )
-    if len(found) != len(set(lesson_ids)):
+    all chained under one ledger-head lock. ``principal`` None: auto-confirm.
+
+    The hot path of the batched release: lessons are read and updated with
+    Core statements (one UPDATE per contract), not loaded as ORM objects.
+    Returns the answered lessons as dicts (the fields of ``LessonOut``)."""
+    wanted = sorted(set(lesson_ids))
+    contract_of = {
+        lesson_id: contract_id
+        for lesson_id, contract_id in (
+            await session.execute(
+                select(Lesson.id, Lesson.contract_id).where(Lesson.id.in_(wanted))
+            )
+        ).all()
+    }
+    if len(contract_of) != len(wanted):
         raise not_found("课次不存在。")
     by_contract: dict[str, list[str]] = {}
-    for lesson in found:
-        by_contract.setdefault(lesson.contract_id, []).append(lesson.id)
+    for lesson_id, contract_id in contract_of.items():
+        by_contract.setdefault(contract_id, []).append(lesson_id)
+    status = "confirmed" if principal is not None else "auto_confirmed"
+    now = utcnow()
     postings: list[Posting] = []
     touched: list[Contract] = []
-    answered: list[Lesson] = []
+    answered: list[dict[str, Any]] = []
+    lessons_table = Lesson.__table__
     for contract_id in sorted(by_contract):
         contract = await _lock_contract(session, contract_id)
         assert contract is not None
         if principal is not None and principal.person_id != contract.guardian_id:
             raise not_found("课次不存在。")
-        lessons = (
+        rows = (
             (
                 await session.execute(
-                    select(Lesson)
+                    select(*LESSON_COLUMNS)
                     .where(Lesson.id.in_(by_contract[contract_id]))
                     .order_by(Lesson.seq)
                     .with_for_update()
-                    .execution_options(populate_existing=True)
                 )
             )
-            .scalars()
+            .mappings()
             .all()
         )
         account = await _account_shared(session, contract.account_id)
         policy = await funds_policy(session, policies, contract.region_id, today)
         bal = await _contract_balances(session, contract)
-        for lesson in lessons:
-            if lesson.status != "reported":
+        for row in rows:
+            if row["status"] != "reported":
                 raise conflict(
-                    "该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status
+                    "该课次已确认或已提出异议。", rule="FUND-04", current_status=row["status"]
                 )
-            lesson.status = "confirmed" if principal is not None else "auto_confirmed"
-            lesson.answered_at = utcnow()
             contract.reported_lessons -= 1
             contract.confirmed_lessons += 1
             postings += _settle_postings(contract, account, policy, bal)
-            answered.append(lesson)
-        if contract.released_lessons == contract.confirmed_lessons:
-            for lesson in lessons:
-                lesson.released = True
+        released = contract.released_lessons == contract.confirmed_lessons
+        await session.execute(
+            lessons_table.update()
+            .where(lessons_table.c.id.in_([row["id"] for row in rows]))
+            .values(status=status, answered_at=now, released=released)
+        )
+        answered += [{**row, "status": status, "released": released} for row in rows]
         touched.append(contract)
     if postings:
         await ledger.post_many(session, postings)

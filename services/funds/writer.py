@@ -60,6 +60,8 @@ Work = Callable[[AsyncSession], Awaitable[Any]]
 
 #: Upper bound of requests per group (bounds the transaction's length).
 MAX_GROUP = 256
+#: Event-loop turns the writer yields before taking a group.
+LINGER_TURNS = 4
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class PostingWriter:
 
     async def _drain(self) -> None:
         while self._queue:
+            # Let requests already on their way (parsed, verified, about to
+            # submit) join this group: a few turns of the event loop, no timer.
+            for _ in range(LINGER_TURNS):
+                await asyncio.sleep(0)
             group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
             try:
                 await self._write(group)
