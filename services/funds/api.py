@@ -834,9 +834,13 @@ async def get_plan(plan_id: str, ctx: Ctx, principal: CurrentPrincipal) -> schem
     summary="定时任务：自动确认课次、视为同意退费、逾期退费、补划与风险扫描",
 )
 async def run_sweep(body: schemas.SweepIn, ctx: Ctx, principal: Operator) -> schemas.SweepOut:
-    async with ctx.db.transaction() as session:
-        result = await service.sweep(session, ctx.policies, _today(body.as_of))
-        return schemas.SweepOut(**result.__dict__)
+    writer: PostingWriter = ctx.extras["posting_writer"]
+
+    async def work(session: AsyncSession) -> service.SweepResult:
+        return await service.sweep(session, ctx.policies, _today(body.as_of))
+
+    result: service.SweepResult = await writer.run(work)
+    return schemas.SweepOut(**result.__dict__)
 
 
 @router.get(

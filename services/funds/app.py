@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
 from chassis.messaging import Subscription
@@ -44,8 +45,14 @@ institutions_subscription = Subscription(
 async def run_sweep(ctx: ServiceContext) -> service.SweepResult:
     """The time-driven steps: auto-confirmation, deemed agreement, overdue
     refunds, catch-up releases and the risk scan (each idempotent)."""
-    async with ctx.db.transaction() as session:
+    writer: PostingWriter = ctx.extras["posting_writer"]
+
+    async def work(session: AsyncSession) -> service.SweepResult:
         return await service.sweep(session, ctx.policies, service.today_in_china())
+
+    # Through the posting writer, like every ledger write of this process.
+    result: service.SweepResult = await writer.run(work)
+    return result
 
 
 # Every 10 minutes by default; FUNDS_JOB_INTERVALS='{"sweep": seconds}' overrides.

@@ -82,10 +82,10 @@ class SetWise:
 
 @dataclass
 class _Request:
-    claim: idempotency.IdempotentRequest
+    claim: idempotency.IdempotentRequest | None  # None: plain work (``run``)
     work: Work
     status_code: int
-    future: asyncio.Future[Response] = field(repr=False)
+    future: asyncio.Future[Any] = field(repr=False)
     setwise: SetWise | None = None
 
 
@@ -115,11 +115,23 @@ class PostingWriter:
         setwise: SetWise | None = None,
     ) -> Response:
         """Queue one idempotent request; its reply once its group has committed."""
-        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(claim, work, status_code, future, setwise))
+        reply: Response = await self._enqueue(_Request(claim, work, status_code, None, setwise))  # type: ignore[arg-type]
+        return reply
+
+    async def run(self, work: Work) -> Any:
+        """Run ``work(session)`` (no Idempotency-Key: e.g. the periodic sweep)
+        in the next group, in its own savepoint; its result once committed.
+        Keeps every ledger writer of this process on the one writer, so the
+        sweep never deadlocks with a group here."""
+        value: _Value = await self._enqueue(_Request(None, work, 200, None))  # type: ignore[arg-type]
+        return value.result
+
+    async def _enqueue(self, request: _Request) -> Any:
+        request.future = asyncio.get_running_loop().create_future()
+        self._queue.append(request)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain(), name="funds-posting-writer")
-        return await asyncio.shield(future)
+        return await asyncio.shield(request.future)
 
     async def _drain(self) -> None:
         while self._queue:
@@ -152,7 +164,10 @@ class PostingWriter:
                     await self._write([request])
                 return
             log.warning("posting_failed", error=repr(exc))
-            group[0].future.set_result(_unavailable())
+            if group[0].claim is None:
+                group[0].future.set_exception(exc)
+            else:
+                group[0].future.set_result(_unavailable())
             return
         again: list[_Request] = []
         for request, reply in zip(group, replies, strict=True):
@@ -168,8 +183,8 @@ class PostingWriter:
         for request in again:
             await self._write([request])
 
-    async def _run_group(self, group: list[_Request]) -> list[Response | BaseException]:
-        replies: dict[int, Response | BaseException] = {}
+    async def _run_group(self, group: list[_Request]) -> list[Any]:
+        replies: dict[int, Any] = {}
         sets: dict[str, list[int]] = {}
         for i, request in enumerate(group):
             if request.setwise is not None:
@@ -198,7 +213,11 @@ class PostingWriter:
             async with session.begin_nested():
                 answers = await setwise.run_many(
                     session,
-                    [(r.claim, r.setwise.payload) for r in requests if r.setwise is not None],
+                    [
+                        (r.claim, r.setwise.payload)
+                        for r in requests
+                        if r.setwise is not None and r.claim is not None
+                    ],
                 )
         except Exception as exc:
             del events[mark:]
@@ -207,9 +226,16 @@ class PostingWriter:
         self.stats.setwise += sum(1 for a in answers if a is not None)
         return {i: a for i, a in zip(positions, answers, strict=True) if a is not None}
 
-    async def _run_one(self, session: AsyncSession, request: _Request) -> Response | BaseException:
+    async def _run_one(self, session: AsyncSession, request: _Request) -> Any:
         events: list[Any] = session.info.setdefault("outbox_events", [])
         mark = len(events)
+        if request.claim is None:
+            try:
+                async with session.begin_nested():
+                    return _Value(await request.work(session))
+            except Exception as exc:
+                del events[mark:]
+                return exc
         try:
             async with session.begin_nested():
                 stored = await idempotency.claim_or_take_over_in(session, request.claim)
@@ -243,6 +269,11 @@ class PostingWriter:
             # itself is broken, the commit fails and the group is re-run.
             del events[mark:]
             return exc
+
+
+@dataclass(frozen=True)
+class _Value:
+    result: Any
 
 
 def _unavailable() -> Response:

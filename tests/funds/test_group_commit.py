@@ -172,3 +172,24 @@ async def test_fund04_fund09_concurrent_confirmations_answered_setwise(funds: Fu
     )
     assert again.content == replies[5].content
     await funds.check_books()
+
+
+async def test_fund09_plain_work_through_the_writer_answers_or_raises(funds: Funds) -> None:
+    """The periodic sweep's way in (no key): its result once committed; its
+    own failure is raised to it and leaves nothing behind (FUND-09)."""
+    writer: PostingWriter = funds.svc.ctx.extras["posting_writer"]
+
+    async def posts(session: AsyncSession) -> int:
+        return (await ledger.post(session, _posting("plain-ok"))).seq
+
+    async def fails(session: AsyncSession) -> int:
+        await ledger.post(session, _posting("plain-bad"))
+        raise RuntimeError("boom")
+
+    ok, bad = await asyncio.gather(writer.run(posts), writer.run(fails), return_exceptions=True)
+    assert isinstance(ok, int) and ok > 0
+    assert isinstance(bad, RuntimeError)
+    journal = await _journal_refs(funds)
+    assert "plain-ok" in journal and "plain-bad" not in journal
+    async with funds.db.read() as s:
+        assert (await ledger.verify_chain(s)).ok
