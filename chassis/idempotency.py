@@ -51,10 +51,8 @@ class IdempotentRequest:
     claimed_at: datetime
 
 
-async def begin(
-    db: Database, request: Request, principal: Principal
-) -> IdempotentRequest | Response:
-    """Claim the request's key, or answer from what the key already holds."""
+async def identify(request: Request, principal: Principal) -> IdempotentRequest:
+    """The request's key, client and fingerprint (no database access)."""
     key = request.headers.get(HEADER)
     if not key:
         raise Problem(400, f"此操作须携带 {HEADER} 请求头（重试时使用同一值）。")
@@ -65,65 +63,123 @@ async def begin(
     for part in (request.method, request.url.path, request.url.query):
         digest.update(part.encode() + b"\0")
     digest.update(body)
-    claim = IdempotentRequest(
+    return IdempotentRequest(
         principal.client_id or principal.subject, key, digest.hexdigest(), utcnow()
     )
-    insert = sqlite_insert if db.is_sqlite else pg_insert
+
+
+async def begin(
+    db: Database, request: Request, principal: Principal
+) -> IdempotentRequest | Response:
+    """Claim the request's key, or answer from what the key already holds."""
+    claim = await identify(request, principal)
     async with db.transaction() as session:
-        inserted = await session.execute(
-            insert(idempotency_table)
-            .values(
-                client=claim.client,
-                key=claim.key,
-                fingerprint=claim.fingerprint,
-                status="in_flight",
-                created_at=claim.claimed_at,
-            )
-            .on_conflict_do_nothing()
+        answer = await claim_in(session, claim)
+    if answer is None:
+        return claim
+    if isinstance(answer, _TakeOver):
+        async with db.transaction() as session:
+            if await _take_over(session, claim, answer.row_created_at):
+                return claim
+        raise _in_flight()
+    return answer
+
+
+@dataclass(frozen=True)
+class _TakeOver:
+    row_created_at: datetime
+
+
+def _in_flight() -> Problem:
+    return Problem(
+        409,
+        "同一请求仍在处理中，请稍后重试。",
+        slug="idempotency/in-flight",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def claim_in(session: AsyncSession, claim: IdempotentRequest) -> Response | _TakeOver | None:
+    """Claim the key inside ``session``'s transaction: None when claimed (the
+    caller then runs its work and ``remember_in`` in the same transaction, so
+    claim, work and stored reply commit together), or the stored reply of a
+    finished request. Raises 422 for the key used with another request, 409
+    while the first request is still in flight. (_TakeOver: an expired claim,
+    see ``claim_or_take_over_in``.)"""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = sqlite_insert if dialect == "sqlite" else pg_insert
+    inserted = await session.execute(
+        insert(idempotency_table)
+        .values(
+            client=claim.client,
+            key=claim.key,
+            fingerprint=claim.fingerprint,
+            status="in_flight",
+            created_at=claim.claimed_at,
         )
-        if inserted.rowcount:  # type: ignore[attr-defined]
-            return claim
-        row = (
-            (
-                await session.execute(
-                    select(idempotency_table).where(
-                        idempotency_table.c.client == claim.client,
-                        idempotency_table.c.key == claim.key,
-                    )
+        .on_conflict_do_nothing()
+    )
+    if inserted.rowcount:  # type: ignore[attr-defined]
+        return None
+    row = (
+        (
+            await session.execute(
+                select(idempotency_table).where(
+                    idempotency_table.c.client == claim.client,
+                    idempotency_table.c.key == claim.key,
                 )
             )
-            .mappings()
-            .one()
         )
+        .mappings()
+        .one()
+    )
     if row["fingerprint"] != claim.fingerprint:
         raise Problem(422, f"该 {HEADER} 已用于另一个不同的请求。", slug="idempotency/mismatch")
     if row["status"] != "done" and row["created_at"] <= claim.claimed_at - CLAIM_LEASE:
-        async with db.transaction() as session:
-            taken = await session.execute(
-                update(idempotency_table)
-                .where(
-                    idempotency_table.c.client == claim.client,
-                    idempotency_table.c.key == claim.key,
-                    idempotency_table.c.status == "in_flight",
-                    idempotency_table.c.created_at == row["created_at"],
-                )
-                .values(created_at=claim.claimed_at)
-            )
-        if taken.rowcount:  # type: ignore[attr-defined]
-            return claim
+        return _TakeOver(row["created_at"])
     if row["status"] != "done":
-        raise Problem(
-            409,
-            "同一请求仍在处理中，请稍后重试。",
-            slug="idempotency/in-flight",
-            headers={"Retry-After": "1"},
-        )
+        raise _in_flight()
     return Response(
         row["response_body"],
         status_code=row["response_status"],
         media_type=row["content_type"],
         headers={"Idempotent-Replayed": "true"},
     )
+
+
+async def _take_over(session: AsyncSession, claim: IdempotentRequest, created_at: datetime) -> bool:
+    taken = await session.execute(
+        update(idempotency_table)
+        .where(
+            idempotency_table.c.client == claim.client,
+            idempotency_table.c.key == claim.key,
+            idempotency_table.c.status == "in_flight",
+            idempotency_table.c.created_at == created_at,
+        )
+        .values(created_at=claim.claimed_at)
+    )
+    return bool(taken.rowcount)  # type: ignore[attr-defined]
+
+
+async def claim_or_take_over_in(session: AsyncSession, claim: IdempotentRequest) -> Response | None:
+    """``claim_in`` that also takes over an expired claim, in the same transaction."""
+    answer = await claim_in(session, claim)
+    if isinstance(answer, _TakeOver):
+        if await _take_over(session, claim, answer.row_created_at):
+            return None
+        raise _in_flight()
+    return answer
+
+
+async def remember_in(
+    session: AsyncSession, claim: IdempotentRequest, status: int, body: bytes, content_type: str
+) -> None:
+    """Store the reply under the claim (in the claim holder's transaction)."""
+    await _remember(session, claim, status, body, content_type)
+
+
+def encode(result: Any) -> bytes:
+    return _encode(result)
 
 
 async def _remember(

@@ -55,6 +55,56 @@ class AccountUnfrozen(IntegrationEvent):
         return self.account_id
 
 
+@event("funds.account.closed.v1", "资金监管专户已销户（合同均已结清、余额为零，FUND-01）")
+class AccountClosed(IntegrationEvent):
+    account_id: str
+    institution_id: str
+    bank_id: str
+    region_id: str
+    closed_at: datetime
+
+    def subject_id(self) -> str:
+        return self.account_id
+
+
+@event("funds.lesson.disputed.v1", "家长对机构上报的课次提出异议，待处理（FUND-04）")
+class LessonDisputed(IntegrationEvent):
+    lesson_id: str
+    contract_id: str
+    institution_id: str
+    region_id: str
+    resolve_by: date = Field(description="异议处理期限（工作日计算）")
+
+    def subject_id(self) -> str:
+        return self.lesson_id
+
+
+@event("funds.lesson.dispute.resolved.v1", "课次异议已处理：认定已上课（划转）或未上课（留存专户）")
+class LessonDisputeResolved(IntegrationEvent):
+    lesson_id: str
+    contract_id: str
+    institution_id: str
+    region_id: str
+    resolution: Literal["delivered", "not_delivered"]
+    resolved_by: str = Field(description="处理方：regulator | institution | parent")
+    released_fen: int = Field(description="因认定已上课而划转的金额（分）")
+
+    def subject_id(self) -> str:
+        return self.lesson_id
+
+
+@event("funds.lesson.dispute.overdue.v1", "课次异议逾期未处理（FUND-04）")
+class LessonDisputeOverdue(IntegrationEvent):
+    lesson_id: str
+    contract_id: str
+    institution_id: str
+    region_id: str
+    resolve_by: date
+
+    def subject_id(self) -> str:
+        return self.lesson_id
+
+
 @event("funds.contract.paid.v1", "合同款项已由监管银行确认进入专户（FUND-02/03）")
 class ContractPaid(IntegrationEvent):
     contract_id: str

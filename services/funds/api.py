@@ -1,7 +1,9 @@
 """funds's HTTP routes: parse, authorize, call a use case, shape the reply.
 
 Every money-moving POST takes an ``Idempotency-Key`` (FUND-09) and runs its
-use case inside the transaction that also remembers the response. Bank
+use case inside the transaction that also claims the key and remembers the
+response; waiting requests share one transaction and one commit (group
+commit, ``services/funds/writer.py``). Bank
 callbacks are also signed (``X-Bank-Signature: t=<unix>,v1=<hex HMAC-SHA256
 of "<t>." + body>``) with the custodian banks' shared secret.
 """
@@ -11,19 +13,24 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
-from sqlalchemy import Select, or_, select
+from sqlalchemy import Select, bindparam, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis import idempotency
 from chassis.app import Ctx
 from chassis.auth import CurrentPrincipal, Principal, require_roles
-from chassis.errors import Problem, not_found
+from chassis.db import utcnow
+from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, not_found, problem_body
+from chassis.messaging import idempotency_table
 from chassis.roster import guardian_student_ids
 from services.funds import ledger, schemas, service
 from services.funds.models import (
@@ -38,6 +45,7 @@ from services.funds.models import (
     RiskAlert,
     roster,
 )
+from services.funds.writer import PostingWriter, SetWise
 
 router = APIRouter()
 OVERSIGHT = ("bureau", "regulator")
@@ -79,10 +87,12 @@ async def _money(
     work: Callable[[AsyncSession], Awaitable[Any]],
     status_code: int = 200,
 ) -> Response:
-    claim = await idempotency.begin(ctx.db, request, principal)
-    if isinstance(claim, Response):
-        return claim
-    return await idempotency.run(ctx.db, claim, work, status_code=status_code)
+    """Run a money-moving use case through the posting writer: claim of the
+    Idempotency-Key, the use case and its stored reply in one transaction
+    shared with the other requests waiting (group commit, services/funds/writer.py)."""
+    claim = await idempotency.identify(request, principal)
+    writer: PostingWriter = ctx.extras["posting_writer"]
+    return await writer.submit(claim, work, status_code)
 
 
 def _today(as_of: dt.date | None = None) -> dt.date:
@@ -185,6 +195,20 @@ async def open_account(
         return schemas.AccountOut.model_validate(account)
 
     return await _money(ctx, request, principal, work, 201)
+
+
+@router.post(
+    "/accounts/{account_id}/close",
+    response_model=schemas.AccountOut,
+    tags=["专户"],
+    summary="监管银行销户：合同均已结清且各项余额为零（FUND-01）",
+)
+async def close_account(account_id: str, request: Request, ctx: Ctx, principal: Bank) -> Response:
+    async def work(session: AsyncSession) -> schemas.AccountOut:
+        account = await service.close_account(session, principal, account_id)
+        return schemas.AccountOut.model_validate(account)
+
+    return await _money(ctx, request, principal, work)
 
 
 async def _balances(session: AsyncSession, account: EscrowAccount) -> schemas.AccountBalance:
@@ -528,6 +552,136 @@ async def answer_lesson(
         )
         return schemas.LessonOut.model_validate(lesson)
 
+    setwise = None
+    if body.confirm:
+        # Parents' confirmations waiting together are answered set-wise.
+        setwise = SetWise(
+            f"confirm-lesson:{today.isoformat()}",
+            (ctx.policies, principal, lesson_id, today),
+            _confirm_many,
+        )
+    claim = await idempotency.identify(request, principal)
+    writer: PostingWriter = ctx.extras["posting_writer"]
+    return await writer.submit(claim, work, setwise=setwise)
+
+
+_REMEMBER_MANY = (
+    update(idempotency_table)
+    .where(
+        idempotency_table.c.client == bindparam("b_client"),
+        idempotency_table.c.key == bindparam("b_key"),
+        idempotency_table.c.status == "in_flight",
+        idempotency_table.c.created_at == bindparam("b_claimed_at"),
+    )
+    .values(
+        status="done",
+        response_status=bindparam("b_status"),
+        response_body=bindparam("b_body"),
+        content_type=bindparam("b_type"),
+        completed_at=bindparam("b_at"),
+    )
+)
+
+
+async def _confirm_many(
+    session: AsyncSession, items: list[tuple[idempotency.IdempotentRequest, Any]]
+) -> list[Response | Problem | None]:
+    """Set-wise ``answer_lesson`` (confirm) for a group: claims every key in
+    one statement, confirms set-wise (``service.confirm_lessons_each``) and
+    stores every reply in one statement; a key already taken is left to the
+    ordinary path (None), which replays or refuses it."""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = sqlite_insert if dialect == "sqlite" else pg_insert
+    claimed = {
+        (client, key)
+        for client, key in (
+            await session.execute(
+                insert(idempotency_table)
+                .values(
+                    [
+                        {
+                            "client": c.client,
+                            "key": c.key,
+                            "fingerprint": c.fingerprint,
+                            "status": "in_flight",
+                            "created_at": c.claimed_at,
+                        }
+                        for c, _ in items
+                    ]
+                )
+                .on_conflict_do_nothing()
+                .returning(idempotency_table.c.client, idempotency_table.c.key)
+            )
+        ).all()
+    }
+    fresh: list[int] = []
+    seen: set[tuple[str, str]] = set()
+    for i, (c, _) in enumerate(items):
+        if (c.client, c.key) in claimed and (c.client, c.key) not in seen:
+            seen.add((c.client, c.key))
+            fresh.append(i)
+    replies: list[Response | Problem | None] = [None] * len(items)
+    if not fresh:
+        return replies
+    policies, _, _, today = items[fresh[0]][1]
+    answers = await service.confirm_lessons_each(
+        session, policies, [(items[i][1][1], items[i][1][2]) for i in fresh], today
+    )
+    now = utcnow()
+    rows = []
+    for i, answer in zip(fresh, answers, strict=True):
+        if isinstance(answer, Problem):
+            status = answer.status
+            body = json.dumps(problem_body(None, answer), ensure_ascii=False).encode()
+            media = PROBLEM_MEDIA_TYPE
+        else:
+            status = 200
+            body = idempotency.encode(schemas.LessonOut.model_validate(answer))
+            media = "application/json"
+        claim = items[i][0]
+        rows.append(
+            {
+                "b_client": claim.client,
+                "b_key": claim.key,
+                "b_claimed_at": claim.claimed_at,
+                "b_status": status,
+                "b_body": body,
+                "b_type": media,
+                "b_at": now,
+            }
+        )
+        replies[i] = Response(body, status_code=status, media_type=media)
+    await session.execute(_REMEMBER_MANY, rows)
+    return replies
+
+
+@router.post(
+    "/lessons/{lesson_id}/resolution",
+    response_model=schemas.LessonOut,
+    tags=["课次"],
+    summary="处理课次异议：监管部门裁定，或机构认可未上课、家长撤回异议（FUND-04）",
+)
+async def resolve_dispute(
+    lesson_id: str,
+    body: schemas.DisputeResolution,
+    request: Request,
+    ctx: Ctx,
+    principal: CurrentPrincipal,
+) -> Response:
+    today = _today()
+
+    async def work(session: AsyncSession) -> schemas.LessonOut:
+        lesson = await service.resolve_dispute(
+            session,
+            ctx.policies,
+            principal,
+            lesson_id,
+            delivered=body.delivered,
+            note=body.note,
+            today=today,
+        )
+        return schemas.LessonOut.model_validate(lesson)
+
     return await _money(ctx, request, principal, work)
 
 
@@ -542,11 +696,11 @@ async def confirm_lessons(
 ) -> Response:
     today = _today()
 
-    async def work(session: AsyncSession) -> list[dict[str, Any]]:
+    async def work(session: AsyncSession) -> schemas.LessonList:
         lessons = await service.answer_lessons(
             session, ctx.policies, principal, body.lesson_ids, today
         )
-        return [schemas.LessonOut.model_validate(x) for x in lessons]
+        return schemas.LessonList([schemas.LessonOut.model_validate(x) for x in lessons])
 
     return await _money(ctx, request, principal, work)
 
@@ -680,9 +834,13 @@ async def get_plan(plan_id: str, ctx: Ctx, principal: CurrentPrincipal) -> schem
     summary="定时任务：自动确认课次、视为同意退费、逾期退费、补划与风险扫描",
 )
 async def run_sweep(body: schemas.SweepIn, ctx: Ctx, principal: Operator) -> schemas.SweepOut:
-    async with ctx.db.transaction() as session:
-        result = await service.sweep(session, ctx.policies, _today(body.as_of))
-        return schemas.SweepOut(**result.__dict__)
+    writer: PostingWriter = ctx.extras["posting_writer"]
+
+    async def work(session: AsyncSession) -> service.SweepResult:
+        return await service.sweep(session, ctx.policies, _today(body.as_of))
+
+    result: service.SweepResult = await writer.run(work)
+    return schemas.SweepOut(**result.__dict__)
 
 
 @router.get(

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
 from chassis.messaging import Subscription
@@ -15,6 +16,8 @@ from contracts import institutions as inst
 from services.funds import service
 from services.funds.api import router
 from services.funds.models import Base, roster
+from services.funds.tokens import CachingVerifier
+from services.funds.writer import PostingWriter
 
 # Shared secret of the custodian banks' signed callbacks (X-Bank-Signature).
 BANK_SECRET_ENV = "FUNDS_BANK_CALLBACK_SECRET"
@@ -42,8 +45,14 @@ institutions_subscription = Subscription(
 async def run_sweep(ctx: ServiceContext) -> service.SweepResult:
     """The time-driven steps: auto-confirmation, deemed agreement, overdue
     refunds, catch-up releases and the risk scan (each idempotent)."""
-    async with ctx.db.transaction() as session:
+    writer: PostingWriter = ctx.extras["posting_writer"]
+
+    async def work(session: AsyncSession) -> service.SweepResult:
         return await service.sweep(session, ctx.policies, service.today_in_china())
+
+    # Through the posting writer, like every ledger write of this process.
+    result: service.SweepResult = await writer.run(work)
+    return result
 
 
 # Every 10 minutes by default; FUNDS_JOB_INTERVALS='{"sweep": seconds}' overrides.
@@ -52,6 +61,8 @@ sweep_job = PeriodicJob("sweep", run_sweep, interval_seconds=600, run_at_start=T
 
 async def on_startup(ctx: ServiceContext, app: FastAPI) -> None:
     ctx.extras["bank_secret"] = os.environ.get(BANK_SECRET_ENV, DEV_BANK_SECRET)
+    ctx.extras["posting_writer"] = PostingWriter(ctx.db)
+    app.state.token_verifier = CachingVerifier(app.state.token_verifier)
 
 
 SPEC = ServiceSpec(

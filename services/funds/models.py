@@ -91,6 +91,7 @@ class EscrowAccount(Base):
     opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     frozen_at: Mapped[datetime | None] = mapped_column()
     freeze_reason: Mapped[str | None] = mapped_column(Text)
+    closed_at: Mapped[datetime | None] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
@@ -155,10 +156,17 @@ class Lesson(Base):
     delivered_on: Mapped[date] = mapped_column(Date)
     reported_at: Mapped[datetime] = mapped_column(default=utcnow)
     auto_confirm_on: Mapped[date] = mapped_column(Date, index=True)
-    # reported | confirmed | auto_confirmed | disputed
+    # reported | confirmed | auto_confirmed | disputed | not_delivered
+    # (a dispute resolved as delivered ends as confirmed, resolution "delivered")
     status: Mapped[str] = mapped_column(String(16), index=True)
     answered_at: Mapped[datetime | None] = mapped_column()
     dispute_reason: Mapped[str | None] = mapped_column(Text)
+    resolve_by: Mapped[date | None] = mapped_column(Date)
+    resolution: Mapped[str | None] = mapped_column(String(16))  # delivered | not_delivered
+    resolved_by: Mapped[str | None] = mapped_column(String(16))  # regulator | institution | parent
+    resolved_at: Mapped[datetime | None] = mapped_column()
+    resolution_note: Mapped[str | None] = mapped_column(Text)
+    dispute_overdue_reported: Mapped[bool] = mapped_column(Boolean, default=False)
     released: Mapped[bool] = mapped_column(Boolean, default=False)
 
 

@@ -233,6 +233,12 @@ def auto_confirm_on(reported_on: dt.date, cal: WorkingDays, policy: FundsPolicy)
     return cal.add_working_days(reported_on, policy.auto_confirm_working_days)
 
 
+def dispute_resolve_by(disputed_on: dt.date, cal: WorkingDays, policy: FundsPolicy) -> dt.date:
+    """FUND-04: a disputed lesson is to be resolved within the profile's
+    response time (the working days an institution has to answer a refund)."""
+    return cal.add_working_days(disputed_on, policy.refund_response_working_days)
+
+
 # ---------------------------------------------------------------- refunds (FUND-06)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 
 class In(BaseModel):
@@ -32,6 +32,7 @@ class AccountOut(Out):
     opened_at: dt.datetime
     frozen_at: dt.datetime | None
     freeze_reason: str | None
+    closed_at: dt.datetime | None = None
 
 
 class AccountBalance(AccountOut):
@@ -115,6 +116,19 @@ class LessonOut(Out):
     auto_confirm_on: dt.date
     status: str
     released: bool
+    dispute_reason: str | None = None
+    resolve_by: dt.date | None = Field(default=None, description="异议处理期限")
+    resolution: str | None = Field(default=None, description="delivered | not_delivered")
+    resolved_by: str | None = None
+
+
+class LessonList(RootModel[list[LessonOut]]):
+    pass
+
+
+class DisputeResolution(In):
+    delivered: bool = Field(description="认定已上课（划转给机构）或未上课（留存专户、可退费）")
+    note: str | None = Field(default=None, max_length=500)
 
 
 class RefundIn(In):
@@ -192,6 +206,7 @@ class SweepOut(BaseModel):
     auto_confirmed: int
     deemed_agreed: int
     overdue: int
+    disputes_overdue: int = 0
     released_contracts: int
     alerts: int
 

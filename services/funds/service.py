@@ -250,6 +250,78 @@ async def open_account(
     return account
 
 
+UNSETTLED_CONTRACT = ("active", "refunding")
+
+
+async def close_account(
+    session: AsyncSession, principal: Principal, account_id: str
+) -> EscrowAccount:
+    """FUND-01: the custodian bank closes an account (active or frozen) once
+    every contract on it is settled (none active or refunding) and every
+    balance it holds is zero: each contract's escrow and reserve, the
+    institution's releasable and payout-instructed money. A closed account
+    sells nothing and receives nothing (``check_account``, ``confirm_payment``)."""
+    account = (
+        await session.execute(
+            select(EscrowAccount)
+            .where(EscrowAccount.id == account_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one_or_none()
+    if account is None or not principal.has_tenant("bank", account.bank_id):
+        raise not_found("专户不存在。")
+    if account.state == "closed":
+        raise conflict("该专户已销户。", rule="FUND-01", current_status="closed")
+    open_contracts = int(
+        await session.scalar(
+            select(func.count())
+            .select_from(Contract)
+            .where(Contract.account_id == account.id, Contract.status.in_(UNSETTLED_CONTRACT))
+        )
+        or 0
+    )
+    if open_contracts:
+        raise rule_violation(
+            "FUND-01",
+            f"专户下仍有 {open_contracts} 份合同未结清（履约中或退费中），不得销户。",
+            status=409,
+            open_contracts=open_contracts,
+        )
+    ids = list(
+        (await session.execute(select(Contract.id).where(Contract.account_id == account.id)))
+        .scalars()
+        .all()
+    )
+    codes = [ledger.escrow(c) for c in ids] + [ledger.reserve(c) for c in ids]
+    codes += [
+        ledger.releasable(account.institution_id),
+        ledger.payout_instructed(account.institution_id),
+    ]
+    nonzero = {code: v for code, v in (await ledger.balances(session, codes)).items() if v}
+    if nonzero:
+        raise rule_violation(
+            "FUND-01",
+            "专户余额未清零（托管资金、风险保证金、待结算或已指令未划付款项），不得销户。",
+            status=409,
+            balances_fen=dict(sorted(nonzero.items())),
+        )
+    account.state = "closed"
+    account.closed_at = utcnow()
+    await session.flush()
+    await emit(
+        session,
+        ev.AccountClosed(
+            account_id=account.id,
+            institution_id=account.institution_id,
+            bank_id=account.bank_id,
+            region_id=account.region_id,
+            closed_at=account.closed_at,
+        ),
+    )
+    return account
+
+
 async def freeze_account(
     session: AsyncSession, account: EscrowAccount, *, reason: str, trigger: str
 ) -> RefundPlan:
@@ -539,6 +611,8 @@ async def confirm_payment(
     seen = await session.scalar(select(Payment).where(Payment.bank_ref == data.bank_ref))
     if seen is not None:
         raise conflict("该银行流水号已入账。", rule="FUND-09", payment_id=seen.id)
+    if account.state == "closed":
+        raise rule_violation("FUND-01", "专户已销户，不再接收缴费，请原路退回。", status=409)
     if account.state != "active":
         raise rule_violation("FUND-07", "专户已冻结，不再接收新的缴费，请原路退回。", status=409)
     if contract.mode == "prepaid":
@@ -691,15 +765,127 @@ async def answer_lesson(
     lesson.answered_at = utcnow()
     contract.reported_lessons -= 1
     if not confirm:
+        policy = await funds_policy(session, policies, contract.region_id, today)
         lesson.status = "disputed"
         lesson.dispute_reason = reason
+        lesson.resolve_by = rules.dispute_resolve_by(today, await calendar(session), policy)
         await session.flush()
+        await emit(
+            session,
+            ev.LessonDisputed(
+                lesson_id=lesson.id,
+                contract_id=contract.id,
+                institution_id=contract.institution_id,
+                region_id=contract.region_id,
+                resolve_by=lesson.resolve_by,
+            ),
+        )
         return lesson
     lesson.status = "confirmed" if principal is not None else "auto_confirmed"
     contract.confirmed_lessons += 1
     account = await _account_shared(session, contract.account_id)
     policy = await funds_policy(session, policies, contract.region_id, today)
     await settle(session, contract, account, policy)
+    await session.refresh(lesson)
+    return lesson
+
+
+async def resolve_dispute(
+    session: AsyncSession,
+    policies: PolicyRegistry,
+    principal: Principal,
+    lesson_id: str,
+    *,
+    delivered: bool,
+    note: str | None,
+    today: dt.date,
+) -> Lesson:
+    """FUND-04: a disputed lesson is resolved as delivered (its price is
+    released like any confirmed lesson, less the reserve, FUND-05) or as not
+    delivered (the money stays in the contract's escrow: the lesson counts as
+    unconsumed, so it is refundable, FUND-06, and the institution may deliver
+    it again).
+
+    Who: the regulator of the contract's region, either way; the institution
+    may concede (not delivered: the parent's own claim); the parent may
+    withdraw the dispute (delivered: the parent's agreement)."""
+    found = await session.get(Lesson, lesson_id)
+    if found is None:
+        raise not_found("课次不存在。")
+    contract = await _lock_contract(session, found.contract_id)
+    assert contract is not None
+    if principal.has_role("bureau", "regulator") and principal.has_tenant(
+        "region", contract.region_id
+    ):
+        by = "regulator"
+    elif principal.has_role("institution") and principal.has_tenant(
+        "institution", contract.institution_id
+    ):
+        by = "institution"
+    elif principal.has_role("parent") and principal.person_id == contract.guardian_id:
+        by = "parent"
+    else:
+        raise not_found("课次不存在。")
+    if by == "institution" and delivered:
+        raise rule_violation(
+            "FUND-04",
+            "机构不能单方认定有异议的课次已上课：须家长撤回异议或由监管部门裁定。",
+            status=403,
+        )
+    if by == "parent" and not delivered:
+        raise rule_violation(
+            "FUND-04", "家长的异议即为“未上课”主张，须由机构认可或监管部门裁定。", status=403
+        )
+    lesson = (
+        await session.execute(
+            select(Lesson)
+            .where(Lesson.id == lesson_id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    ).scalar_one()
+    if lesson.status != "disputed":
+        raise conflict("该课次没有待处理的异议。", rule="FUND-04", current_status=lesson.status)
+    released = 0
+    if delivered:
+        if contract.status != "active":
+            # An open or finished refund counted this lesson as unconsumed.
+            raise conflict(
+                "合同退费办理中或已关闭，该课次已计入退费，不能再认定为已上课。",
+                rule="FUND-06",
+                current_status=contract.status,
+            )
+        lesson.status = "confirmed"
+        contract.confirmed_lessons += 1
+        account = await _account_shared(session, contract.account_id)
+        policy = await funds_policy(session, policies, contract.region_id, today)
+        postings = await settle(session, contract, account, policy)
+        released = sum(
+            leg.amount_fen
+            for p in postings
+            for leg in p.legs
+            if ledger.kind_of(leg.account) == ledger.ESCROW
+        )
+        released = -released
+    else:
+        lesson.status = "not_delivered"
+    lesson.resolution = "delivered" if delivered else "not_delivered"
+    lesson.resolved_by = by
+    lesson.resolved_at = utcnow()
+    lesson.resolution_note = note
+    await session.flush()
+    await emit(
+        session,
+        ev.LessonDisputeResolved(
+            lesson_id=lesson.id,
+            contract_id=contract.id,
+            institution_id=contract.institution_id,
+            region_id=contract.region_id,
+            resolution="delivered" if delivered else "not_delivered",
+            resolved_by=by,
+            released_fen=released,
+        ),
+    )
     await session.refresh(lesson)
     return lesson
 
@@ -805,63 +991,89 @@ async def settle(
     return postings
 
 
+LESSON_COLUMNS = (
+    Lesson.id,
+    Lesson.contract_id,
+    Lesson.seq,
+    Lesson.delivered_on,
+    Lesson.auto_confirm_on,
+    Lesson.status,
+    Lesson.released,
+    Lesson.dispute_reason,
+    Lesson.resolve_by,
+    Lesson.resolution,
+    Lesson.resolved_by,
+)
+
+
 async def answer_lessons(
     session: AsyncSession,
     policies: PolicyRegistry,
     principal: Principal | None,
     lesson_ids: list[str],
     today: dt.date,
-) -> list[Lesson]:
+) -> list[dict[str, Any]]:
     """Batched confirmation (FUND-04): many lessons, one posting per lesson,
-    all chained under one ledger-head lock. ``principal`` None: auto-confirm."""
-    found = (
-        (await session.execute(select(Lesson).where(Lesson.id.in_(sorted(set(lesson_ids))))))
-        .scalars()
-        .all()
-    )
-    if len(found) != len(set(lesson_ids)):
+    all chained under one ledger-head lock. ``principal`` None: auto-confirm.
+
+    The hot path of the batched release: lessons are read and updated with
+    Core statements (one UPDATE per contract), not loaded as ORM objects.
+    Returns the answered lessons as dicts (the fields of ``LessonOut``)."""
+    wanted = sorted(set(lesson_ids))
+    contract_of = {
+        lesson_id: contract_id
+        for lesson_id, contract_id in (
+            await session.execute(
+                select(Lesson.id, Lesson.contract_id).where(Lesson.id.in_(wanted))
+            )
+        ).all()
+    }
+    if len(contract_of) != len(wanted):
         raise not_found("课次不存在。")
     by_contract: dict[str, list[str]] = {}
-    for lesson in found:
-        by_contract.setdefault(lesson.contract_id, []).append(lesson.id)
+    for lesson_id, contract_id in contract_of.items():
+        by_contract.setdefault(contract_id, []).append(lesson_id)
+    status = "confirmed" if principal is not None else "auto_confirmed"
+    now = utcnow()
     postings: list[Posting] = []
     touched: list[Contract] = []
-    answered: list[Lesson] = []
+    answered: list[dict[str, Any]] = []
+    lessons_table = Lesson.__table__
     for contract_id in sorted(by_contract):
         contract = await _lock_contract(session, contract_id)
         assert contract is not None
         if principal is not None and principal.person_id != contract.guardian_id:
             raise not_found("课次不存在。")
-        lessons = (
+        rows = (
             (
                 await session.execute(
-                    select(Lesson)
+                    select(*LESSON_COLUMNS)
                     .where(Lesson.id.in_(by_contract[contract_id]))
                     .order_by(Lesson.seq)
                     .with_for_update()
-                    .execution_options(populate_existing=True)
                 )
             )
-            .scalars()
+            .mappings()
             .all()
         )
         account = await _account_shared(session, contract.account_id)
         policy = await funds_policy(session, policies, contract.region_id, today)
         bal = await _contract_balances(session, contract)
-        for lesson in lessons:
-            if lesson.status != "reported":
+        for row in rows:
+            if row["status"] != "reported":
                 raise conflict(
-                    "该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status
+                    "该课次已确认或已提出异议。", rule="FUND-04", current_status=row["status"]
                 )
-            lesson.status = "confirmed" if principal is not None else "auto_confirmed"
-            lesson.answered_at = utcnow()
             contract.reported_lessons -= 1
             contract.confirmed_lessons += 1
             postings += _settle_postings(contract, account, policy, bal)
-            answered.append(lesson)
-        if contract.released_lessons == contract.confirmed_lessons:
-            for lesson in lessons:
-                lesson.released = True
+        released = contract.released_lessons == contract.confirmed_lessons
+        await session.execute(
+            lessons_table.update()
+            .where(lessons_table.c.id.in_([row["id"] for row in rows]))
+            .values(status=status, answered_at=now, released=released)
+        )
+        answered += [{**row, "status": status, "released": released} for row in rows]
         touched.append(contract)
     if postings:
         await ledger.post_many(session, postings)
@@ -869,6 +1081,104 @@ async def answer_lessons(
     for contract in touched:
         await _mark_released(session, contract)
     return answered
+
+
+async def confirm_lessons_each(
+    session: AsyncSession,
+    policies: PolicyRegistry,
+    requests: list[tuple[Principal, str]],
+    today: dt.date,
+) -> list[Lesson | Problem]:
+    """Many parents' single confirmations (``answer_lesson`` with ``confirm``),
+    answered set-wise: a handful of statements for the whole set instead of a
+    score per request, one posting per lesson chained under one head lock.
+    Each request gets exactly what ``answer_lesson`` would have answered, in
+    this order (the requests were concurrent, so any order is a valid one):
+    its lesson, or its refusal (404 / 409) as a Problem."""
+    ids = sorted({lesson_id for _, lesson_id in requests})
+    found = {
+        lesson.id: lesson
+        for lesson in (await session.execute(select(Lesson).where(Lesson.id.in_(ids)))).scalars()
+    }
+    contract_ids = sorted({lesson.contract_id for lesson in found.values()})
+    contracts = {
+        c.id: c
+        for c in (
+            await session.execute(
+                select(Contract)
+                .where(Contract.id.in_(contract_ids))
+                .order_by(Contract.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    locked = {
+        lesson.id: lesson
+        for lesson in (
+            await session.execute(
+                select(Lesson)
+                .where(Lesson.id.in_(list(found)))
+                .order_by(Lesson.id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    account_ids = sorted({c.account_id for c in contracts.values()})
+    accounts = {
+        a.id: a
+        for a in (
+            await session.execute(
+                select(EscrowAccount)
+                .where(EscrowAccount.id.in_(account_ids))
+                .order_by(EscrowAccount.id)
+                .with_for_update(read=True)
+                .execution_options(populate_existing=True)
+            )
+        ).scalars()
+    }
+    codes = [code for c in contract_ids for code in (ledger.escrow(c), ledger.reserve(c))]
+    bal = await ledger.cached_balances(session, codes)
+    policy_of: dict[str, FundsPolicy] = {}
+    postings: list[Posting] = []
+    answers: list[Lesson | Problem] = []
+    touched: dict[str, Contract] = {}
+    for principal, lesson_id in requests:
+        lesson = locked.get(lesson_id)
+        contract = None if lesson is None else contracts.get(lesson.contract_id)
+        if lesson is None or contract is None or principal.person_id != contract.guardian_id:
+            answers.append(not_found("课次不存在。"))
+            continue
+        if lesson.status != "reported":
+            answers.append(
+                conflict("该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status)
+            )
+            continue
+        if contract.region_id not in policy_of:
+            policy_of[contract.region_id] = await funds_policy(
+                session, policies, contract.region_id, today
+            )
+        lesson.answered_at = utcnow()
+        lesson.status = "confirmed"
+        contract.reported_lessons -= 1
+        contract.confirmed_lessons += 1
+        postings += _settle_postings(
+            contract, accounts[contract.account_id], policy_of[contract.region_id], bal
+        )
+        touched[contract.id] = contract
+        answers.append(lesson)
+    if postings:
+        await ledger.post_many(session, postings)
+    for contract in touched.values():
+        if contract.released_lessons == contract.confirmed_lessons:
+            for answer in answers:
+                if isinstance(answer, Lesson) and answer.contract_id == contract.id:
+                    answer.released = True
+    await session.flush()
+    for contract in touched.values():
+        await _mark_released(session, contract)
+    return answers
 
 
 # ---------------------------------------------------------------- refunds (FUND-06)
@@ -1351,6 +1661,7 @@ class SweepResult:
     auto_confirmed: int = 0
     deemed_agreed: int = 0
     overdue: int = 0
+    disputes_overdue: int = 0
     released_contracts: int = 0
     alerts: int = 0
 
@@ -1419,6 +1730,39 @@ async def sweep(session: AsyncSession, policies: PolicyRegistry, today: dt.date)
             ),
         )
         result.overdue += 1
+    disputes = (
+        (
+            await session.execute(
+                select(Lesson)
+                .where(
+                    Lesson.status == "disputed",
+                    Lesson.resolve_by < today,
+                    Lesson.dispute_overdue_reported.is_(False),
+                )
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for lesson in disputes:
+        lesson.dispute_overdue_reported = True
+        region_id = await session.scalar(
+            select(Contract.region_id).where(Contract.id == lesson.contract_id)
+        )
+        assert lesson.resolve_by is not None and region_id is not None
+        await emit(
+            session,
+            ev.LessonDisputeOverdue(
+                lesson_id=lesson.id,
+                contract_id=lesson.contract_id,
+                institution_id=lesson.institution_id,
+                region_id=region_id,
+                resolve_by=lesson.resolve_by,
+            ),
+        )
+        result.disputes_overdue += 1
     # Catch-up releases (e.g. after an account is unfrozen).
     pending = (
         (
