@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import MetaData
 
-from chassis.auth import CurrentPrincipal, JwksKeySource, KeySource, TokenVerifier
+from chassis.auth import CachedVerifier, CurrentPrincipal, JwksKeySource, KeySource, TokenVerifier
 from chassis.config import PlatformSettings, ServiceSettings, platform_settings, service_settings
 from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, ProblemDetail, install_problem_handlers
@@ -105,10 +105,13 @@ def create_service_app(
         )
         app.state.ctx = ctx
         if not hasattr(app.state, "token_verifier"):
-            app.state.token_verifier = TokenVerifier(
-                key_source or JwksKeySource(platform.auth_jwks_url),
-                issuer=platform.auth_issuer,
-                audience=platform.auth_audience,
+            app.state.token_verifier = CachedVerifier(
+                TokenVerifier(
+                    key_source or JwksKeySource(platform.auth_jwks_url),
+                    issuer=platform.auth_issuer,
+                    audience=platform.auth_audience,
+                ),
+                max_age=settings.token_cache_seconds,
             )
         if spec.on_startup is not None:
             await spec.on_startup(ctx, app)

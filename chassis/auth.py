@@ -194,6 +194,42 @@ def bearer_token(request: Request) -> str | None:
     return token.strip()
 
 
+class CachedVerifier:
+    """Signature checks cost about a millisecond of CPU, as much as the rest of
+    a short request. A token verified once is remembered until it expires and
+    at most `max_age` seconds: a token is immutable, so the answer can only
+    change when its signing key is withdrawn, which `max_age` bounds. Bounded
+    in size; the oldest entries go first. `max_age` 0 turns the cache off."""
+
+    def __init__(
+        self, verifier: TokenVerifier, *, size: int = 10_000, max_age: float = 30.0
+    ) -> None:
+        self.verifier = verifier
+        self.size = size
+        self.max_age = max_age
+        self._cache: dict[str, tuple[Principal, float]] = {}
+
+    async def verify(self, token: str) -> Principal:
+        now = time.time()
+        hit = self._cache.get(token)
+        if hit is not None:
+            if hit[1] > now:
+                return hit[0]
+            del self._cache[token]
+        principal = await self.verifier.verify(token)
+        exp = principal.claims.get("exp")
+        until = now + self.max_age
+        if isinstance(exp, int | float):
+            until = min(until, float(exp))
+        if self.size > 0 and until > now:
+            if len(self._cache) >= self.size:
+                # Drop the oldest eighth (dicts keep insertion order).
+                for key in list(self._cache)[: max(1, self.size // 8)]:
+                    self._cache.pop(key, None)
+            self._cache[token] = (principal, until)
+        return principal
+
+
 # Documents the bearer scheme in OpenAPI; errors are ours (problem+json).
 _bearer_scheme = HTTPBearer(auto_error=False, description="identity 签发的访问令牌")
 
@@ -207,7 +243,7 @@ async def current_principal(
         raise Problem(
             401, "缺少访问令牌（Authorization: Bearer …）。", headers={"WWW-Authenticate": "Bearer"}
         )
-    verifier: TokenVerifier = request.app.state.token_verifier
+    verifier: TokenVerifier | CachedVerifier = request.app.state.token_verifier
     principal = await verifier.verify(token)
     request.state.principal = principal
     return principal

@@ -65,6 +65,9 @@ class ServiceSettings(BaseSettings):
     # Seconds between runs of each periodic job, by job name (JSON in the
     # environment); a job not named keeps its default, 0 switches it off.
     job_intervals: dict[str, float] = {}
+    # How long a verified access token is remembered (bounds how long a
+    # withdrawn signing key still works); 0 verifies every request.
+    token_cache_seconds: float = 30.0
 
     def resolved_database_url(self, platform: PlatformSettings) -> str:
         if self.database_url:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from chassis.auth import JwksKeySource, KeySource, TokenVerifier
+from chassis.auth import CachedVerifier, JwksKeySource, KeySource, TokenVerifier
 from chassis.config import PlatformSettings, platform_settings
 from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
@@ -39,7 +39,7 @@ from chassis.observability import configure_logging
 from contracts.base import EVENT_TYPES
 from gateway import asyncapi, docs
 from gateway.config import GatewaySettings
-from gateway.edge import CachedVerifier, PublicRoutes, in_networks, parse_networks
+from gateway.edge import PublicRoutes, in_networks, parse_networks
 from gateway.proxy import EdgeMiddleware, Proxy, Runtime
 from gateway.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
 from gateway.telemetry import AccessLog, GatewayMetrics

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import time
 from collections.abc import Iterable
 from functools import lru_cache
 
-from chassis.auth import Principal, TokenVerifier
 from gateway.config import PublicRoute
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -77,38 +75,3 @@ def client_address(peer: str, forwarded_for: str | None, trusted: tuple[IPNetwor
         if hop and not in_networks(hop, trusted):
             return hop
     return peer
-
-
-class CachedVerifier:
-    """Signature checks are the edge's main cost; a token verified once is
-    remembered until it expires (at most `max_age` seconds). A token is
-    immutable, so the answer cannot change except by key removal, which the
-    short `max_age` bounds."""
-
-    def __init__(
-        self, verifier: TokenVerifier, *, size: int = 10_000, max_age: float = 300.0
-    ) -> None:
-        self.verifier = verifier
-        self.size = size
-        self.max_age = max_age
-        self._cache: dict[str, tuple[Principal, float]] = {}
-
-    async def verify(self, token: str) -> Principal:
-        hit = self._cache.get(token)
-        now = time.time()
-        if hit is not None:
-            if hit[1] > now:
-                return hit[0]
-            del self._cache[token]
-        principal = await self.verifier.verify(token)
-        exp = principal.claims.get("exp")
-        until = now + self.max_age
-        if isinstance(exp, int | float):
-            until = min(until, float(exp))
-        if self.size > 0:
-            if len(self._cache) >= self.size:
-                # Drop the oldest eighth (dicts keep insertion order).
-                for key in list(self._cache)[: max(1, self.size // 8)]:
-                    self._cache.pop(key, None)
-            self._cache[token] = (principal, until)
-        return principal

@@ -27,11 +27,11 @@ from multidict import CIMultiDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from yarl import URL
 
-from chassis.auth import Principal
+from chassis.auth import CachedVerifier, Principal
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
 from chassis.observability import request_id_var
 from gateway.config import GATEWAY_SERVICE, GatewaySettings
-from gateway.edge import CachedVerifier, IPNetwork, PublicRoutes, client_address, in_networks
+from gateway.edge import IPNetwork, PublicRoutes, client_address, in_networks
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.telemetry import AccessLog, GatewayMetrics
 

@@ -16,7 +16,6 @@ from contracts import institutions as inst
 from services.funds import service
 from services.funds.api import router
 from services.funds.models import Base, roster
-from services.funds.tokens import CachingVerifier
 from services.funds.writer import PostingWriter
 
 # Shared secret of the custodian banks' signed callbacks (X-Bank-Signature).
@@ -62,7 +61,6 @@ sweep_job = PeriodicJob("sweep", run_sweep, interval_seconds=600, run_at_start=T
 async def on_startup(ctx: ServiceContext, app: FastAPI) -> None:
     ctx.extras["bank_secret"] = os.environ.get(BANK_SECRET_ENV, DEV_BANK_SECRET)
     ctx.extras["posting_writer"] = PostingWriter(ctx.db)
-    app.state.token_verifier = CachingVerifier(app.state.token_verifier)
 
 
 SPEC = ServiceSpec(
