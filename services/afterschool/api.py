@@ -161,6 +161,17 @@ async def course_enrollments(
     return await service.course_enrollments(db, principal, course_id)
 
 
+@router.post(
+    "/courses/{course_id}/reapprove",
+    summary="机构恢复后学校重新批准被暂停的课程（AS-03）",
+    tags=["方案与课程"],
+)
+async def reapprove_course(
+    course_id: str, principal: CurrentPrincipal, db: DB, policies: Policies
+) -> schemas.CourseOut:
+    return await service.reapprove_course(db, policies, principal, course_id)
+
+
 @router.get("/students/{student_id}/enrollments", summary="学生的报名记录", tags=["报名"])
 async def student_enrollments(
     student_id: str, principal: CurrentPrincipal, db: DB
@@ -300,6 +311,28 @@ async def student_statements(
     student_id: str, principal: CurrentPrincipal, db: DB
 ) -> list[dict[str, Any]]:
     return await operations.student_statements(db, principal, student_id)
+
+
+@router.get(
+    "/students/{student_id}/refunds",
+    summary="孩子的退费记录：金额、天数、非税账户（监护人与学校，AS-05）",
+    tags=["收费"],
+)
+async def student_refunds(
+    student_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await service.student_refunds(db, principal, student_id)
+
+
+@router.get(
+    "/schools/{school_id}/refunds",
+    summary="学校的退费台账（AS-05）",
+    tags=["收费"],
+)
+async def school_refunds(
+    school_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await service.school_refunds(db, principal, school_id)
 
 
 # ------------------------------------------------------ AS-07 evaluation
