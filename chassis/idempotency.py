@@ -51,10 +51,10 @@ class IdempotentRequest:
     claimed_at: datetime
 
 
-async def begin(
-    db: Database, request: Request, principal: Principal
-) -> IdempotentRequest | Response:
-    """Claim the request's key, or answer from what the key already holds."""
+async def identify(request: Request, principal: Principal) -> IdempotentRequest:
+    """The request's key, scope and fingerprint (400 without a usable key);
+    nothing is claimed yet. For services that claim keys in their own
+    transaction (e.g. many requests decided in one batch)."""
     key = request.headers.get(HEADER)
     if not key:
         raise Problem(400, f"此操作须携带 {HEADER} 请求头（重试时使用同一值）。")
@@ -65,9 +65,37 @@ async def begin(
     for part in (request.method, request.url.path, request.url.query):
         digest.update(part.encode() + b"\0")
     digest.update(body)
-    claim = IdempotentRequest(
+    return IdempotentRequest(
         principal.client_id or principal.subject, key, digest.hexdigest(), utcnow()
     )
+
+
+def stored_answer(row: Any, claim: IdempotentRequest) -> Response:
+    """What a key's stored row answers to a repeat of ``claim``: 422 for a
+    different request, 409 while the first is in flight, else the first
+    response byte for byte."""
+    if row["fingerprint"] != claim.fingerprint:
+        raise Problem(422, f"该 {HEADER} 已用于另一个不同的请求。", slug="idempotency/mismatch")
+    if row["status"] != "done":
+        raise Problem(
+            409,
+            "同一请求仍在处理中，请稍后重试。",
+            slug="idempotency/in-flight",
+            headers={"Retry-After": "1"},
+        )
+    return Response(
+        row["response_body"],
+        status_code=row["response_status"],
+        media_type=row["content_type"],
+        headers={"Idempotent-Replayed": "true"},
+    )
+
+
+async def begin(
+    db: Database, request: Request, principal: Principal
+) -> IdempotentRequest | Response:
+    """Claim the request's key, or answer from what the key already holds."""
+    claim = await identify(request, principal)
     insert = sqlite_insert if db.is_sqlite else pg_insert
     async with db.transaction() as session:
         inserted = await session.execute(
@@ -111,19 +139,7 @@ async def begin(
             )
         if taken.rowcount:  # type: ignore[attr-defined]
             return claim
-    if row["status"] != "done":
-        raise Problem(
-            409,
-            "同一请求仍在处理中，请稍后重试。",
-            slug="idempotency/in-flight",
-            headers={"Retry-After": "1"},
-        )
-    return Response(
-        row["response_body"],
-        status_code=row["response_status"],
-        media_type=row["content_type"],
-        headers={"Idempotent-Replayed": "true"},
-    )
+    return stored_answer(row, claim)
 
 
 async def _remember(
