@@ -12,8 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis import idempotency
 from chassis.app import DB, Ctx, Policies, ServiceContext
 from chassis.auth import CurrentPrincipal
-from chassis.errors import rule_violation
-from services.afterschool import operations, schemas, service
+from services.afterschool import operations, rush, schemas, service
 
 router = APIRouter()
 
@@ -111,32 +110,30 @@ async def enroll(
     ctx: Ctx,
     waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
 ) -> Response:
-    if not waitlist:
-        left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
-        if left is not None and left <= 0:
-            # Sold out and no waitlist wanted: answered from a read, nothing written.
-            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
-    # Admission control: at most pool-size seat transactions at once, so a
-    # rush queues here (in memory, in arrival order) instead of holding row
-    # locks while waiting for a connection. A pool timeout all the same is
-    # the chassis's 503 with Retry-After, the key released, nothing written.
-    async with _enroll_gate(ctx):
-        claim = await idempotency.begin(ctx.db, request, principal)
-        if isinstance(claim, Response):
-            return claim
-
-        async def work(session: AsyncSession) -> Any:
-            return await service.enroll(session, principal, data, join_waitlist=waitlist)
-
-        return await idempotency.run(ctx.db, claim, work, status_code=201)
+    claim = await idempotency.identify(request, principal)
+    if not waitlist and rush.sold_out_now(data.course_id):
+        # Known full and no waitlist wanted: answered from memory, nothing
+        # written — unless the key already holds an answer, which it repeats.
+        replay = await rush.stored(ctx.db, claim)
+        if replay is not None:
+            return replay
+        raise service.full()
+    # Group commit: this course's attempts waiting in this process are decided
+    # together in one transaction (services/afterschool/rush.py).
+    attempt = rush.Attempt(principal, data, waitlist, claim)
+    return await _enroller(ctx).submit(attempt)
 
 
-def _enroll_gate(ctx: ServiceContext) -> asyncio.Semaphore:
-    gate = ctx.extras.get("enroll_gate")
-    if gate is None:
-        gate = ctx.extras["enroll_gate"] = asyncio.Semaphore(max(1, ctx.settings.db_pool_size))
-    assert isinstance(gate, asyncio.Semaphore)
-    return gate
+def _enroller(ctx: ServiceContext) -> rush.Enroller:
+    enroller = ctx.extras.get("enroller")
+    if enroller is None:
+        # At most pool-size enrollment transactions at once: a rush queues in
+        # memory, in arrival order, instead of holding locks while waiting for
+        # a connection.
+        gate = asyncio.Semaphore(max(1, ctx.settings.db_pool_size))
+        enroller = ctx.extras["enroller"] = rush.Enroller(ctx.db, gate)
+    assert isinstance(enroller, rush.Enroller)
+    return enroller
 
 
 @router.post(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 import uuid
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -534,11 +536,29 @@ async def open_window(
 #: this process frees a seat and trusted for SOLD_OUT_TTL seconds at most (a
 #: seat freed through another replica shows within that time).
 _sold_out: dict[str, float] = {}
+#: Bumped whenever this process frees a seat of the course: a decision that
+#: read the course before the bump may not mark it full afterwards.
+_freed: dict[str, int] = {}
 SOLD_OUT_TTL = 1.0
 
 
 def seat_freed(course_id: str) -> None:
+    _freed[course_id] = _freed.get(course_id, 0) + 1
     _sold_out.pop(course_id, None)
+
+
+def sold_out_generation(course_id: str) -> int:
+    return _freed.get(course_id, 0)
+
+
+def mark_sold_out(course_id: str, generation: int) -> None:
+    if _freed.get(course_id, 0) == generation:
+        _sold_out[course_id] = time.monotonic()
+
+
+def is_sold_out(course_id: str, now: float) -> bool:
+    seen = _sold_out.get(course_id)
+    return seen is not None and now - seen < SOLD_OUT_TTL
 
 
 def enrollment_out(e: Enrollment) -> schemas.EnrollmentOut:
@@ -603,31 +623,67 @@ async def _lock_own_child(
     return dict(row) if row is not None else None
 
 
-async def seats_left(
-    db: Database, principal: Principal, course_id: str, student_id: str
-) -> int | None:
-    """A read-only look at a course's free seats for the caller's own child at
-    its school (None when the caller may not see it): lets a parent who does
-    not want the waitlist be told "full" without a write (AS-04)."""
-    if not principal.has_role("parent") or not principal.person_id:
-        return None
-    s, g = roster.students, roster.guardianships
-    async with db.read() as session:
-        row = (
-            await session.execute(
-                select(Course.capacity - Course.seats_taken, Course.status)
-                .join(s, s.c.school_id == Course.school_id)
-                .join(g, g.c.student_id == s.c.id)
-                .where(
-                    Course.id == course_id,
-                    s.c.id == student_id,
-                    g.c.guardian_id == principal.person_id,
-                )
+def check_attempt(
+    school_id: str, course: Any, data: schemas.EnrollIn, mine: Sequence[Any], now: dt.datetime
+) -> None:
+    """AS-04/AS-03: why an enrollment attempt is refused before any seat is
+    looked at (the same checks, in the same order, for one attempt and for a
+    batch). ``course`` carries the course's and its plan's window columns;
+    ``mine`` the student's live enrollments (with their courses' slots)."""
+    if course is None or course.school_id != school_id:
+        raise Problem(404, "课程不存在。")
+    if not data.consent:
+        raise rule_violation("AS-04", "参加课后服务须由监护人明确表示自愿同意（不得“被自愿”）。")
+    state = rules.window_state(now, course.window_opens_at, course.window_closes_at)
+    if state != "open":
+        detail = {
+            "unset": "学校尚未开放报名。",
+            "before": "报名尚未开始。",
+            "closed": "报名已截止。",
+        }[state]
+        raise rule_violation("AS-04", detail, status=409, window=state)
+    if course.status != "active":
+        raise rule_violation("AS-03", "该课程的提供机构已移出目录，课程已暂停报名。", status=409)
+    for other in mine:
+        if other.course_id == data.course_id:
+            raise rule_violation(
+                "AS-04",
+                "该学生已报名此课程。",
+                status=409,
+                enrollment_id=other.id,
+                enrollment_status=other.status,
             )
-        ).first()
-    if row is None or row[1] != "active":
-        return None
-    return int(row[0])
+    for other in mine:
+        if rules.slots_clash(
+            (other.weekdays, other.start, other.end), (course.weekdays, course.start, course.end)
+        ):
+            raise rule_violation(
+                "AS-04",
+                f"与已报名的课程“{other.name}”时间冲突：同一时段只能选一门课程。",
+                status=409,
+                clashes_with=other.course_id,
+            )
+
+
+def full() -> Problem:
+    return rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+
+
+#: The course columns (with its plan's window) an enrollment decision reads.
+COURSE_FOR_ENROLLMENT = (
+    Course.school_id,
+    Course.plan_id,
+    Course.status,
+    Course.weekdays,
+    Course.start,
+    Course.end,
+    Course.capacity,
+    Course.seats_taken,
+    Course.waitlist_seq,
+    Plan.window_mode,
+    Plan.window_opens_at,
+    Plan.window_closes_at,
+)
 
 
 async def enroll(
@@ -664,20 +720,6 @@ async def enroll(
             .where(Course.id == data.course_id)
         )
     ).first()
-    if course is None or course.school_id != student["school_id"]:
-        raise Problem(404, "课程不存在。")
-    if not data.consent:
-        raise rule_violation("AS-04", "参加课后服务须由监护人明确表示自愿同意（不得“被自愿”）。")
-    state = rules.window_state(utcnow(), course.window_opens_at, course.window_closes_at)
-    if state != "open":
-        detail = {
-            "unset": "学校尚未开放报名。",
-            "before": "报名尚未开始。",
-            "closed": "报名已截止。",
-        }[state]
-        raise rule_violation("AS-04", detail, status=409, window=state)
-    if course.status != "active":
-        raise rule_violation("AS-03", "该课程的提供机构已移出目录，课程已暂停报名。", status=409)
     mine = (
         await session.execute(
             select(
@@ -696,25 +738,7 @@ async def enroll(
             )
         )
     ).all()
-    for other in mine:
-        if other.course_id == data.course_id:
-            raise rule_violation(
-                "AS-04",
-                "该学生已报名此课程。",
-                status=409,
-                enrollment_id=other.id,
-                enrollment_status=other.status,
-            )
-    for other in mine:
-        if rules.slots_clash(
-            (other.weekdays, other.start, other.end), (course.weekdays, course.start, course.end)
-        ):
-            raise rule_violation(
-                "AS-04",
-                f"与已报名的课程“{other.name}”时间冲突：同一时段只能选一门课程。",
-                status=409,
-                clashes_with=other.course_id,
-            )
+    check_attempt(student["school_id"], course, data, mine, utcnow())
     now = utcnow()
     position: int | None = None
     held_from: dt.datetime | None = None
@@ -734,7 +758,7 @@ async def enroll(
         if taken.rowcount == 1:  # type: ignore[attr-defined]
             status, held_from = "held", now
         elif not join_waitlist:
-            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+            raise full()
         else:
             position = int(
                 (

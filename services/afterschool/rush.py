@@ -1,0 +1,457 @@
+"""AS-04 the rush: enrollment attempts for one course decided together.
+
+Every attempt for a course joins that course's queue in this process; one
+worker per course takes everything waiting and decides it in ONE transaction:
+the Idempotency-Keys looked up once, the children's roster rows locked (in id
+order), the course row locked once, each attempt checked in arrival order
+exactly as ``service.enroll`` would (same refusals, same bodies), then one
+seat-counter UPDATE, one INSERT of the enrollments, one of the outbox events
+and one of the remembered answers (refusals included), one commit — and each
+attempt is answered. While a batch commits, the next one gathers.
+
+The database stays the authority: ``seats_taken <= capacity`` is a CHECK
+constraint, live enrollments are unique per (course, student), the counter
+UPDATE is conditional, and remembered keys are inserted with ON CONFLICT DO
+NOTHING RETURNING — a key another replica answered meanwhile rolls the whole
+batch back. A batch that fails for any reason writes nothing (one
+transaction); its attempts are then decided one at a time by the classic path
+(``idempotency.begin`` + ``service.enroll``), so several replicas, retries and
+crashes stay correct.
+
+Sold out: once this process has seen a course full, a parent who does not
+want the waitlist is told "full" from memory (after one primary-key read that
+the key does not already hold a different answer). The mark is dropped when
+this process frees a seat (after its commit) and trusted for
+``service.SOLD_OUT_TTL`` seconds at most, so a seat freed through another
+replica shows within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import Response
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis import idempotency
+from chassis.auth import Principal
+from chassis.db import Database, utcnow
+from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from chassis.messaging import emit_many, idempotency_table
+from contracts import afterschool as ev
+from services.afterschool import schemas, service
+from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
+
+MAX_BATCH = 500
+
+
+@dataclass
+class Attempt:
+    principal: Principal
+    data: schemas.EnrollIn
+    join_waitlist: bool
+    claim: idempotency.IdempotentRequest
+    future: asyncio.Future[Response] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass
+class _Mine:
+    """A live enrollment as ``service.check_attempt`` reads it."""
+
+    id: str
+    course_id: str
+    status: str
+    name: str
+    weekdays: list[int]
+    start: Any
+    end: Any
+
+
+class BatchLost(Exception):
+    """A key of the batch was answered elsewhere meanwhile: undo the batch."""
+
+
+def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
+    body = json.dumps(problem_body(None, problem), ensure_ascii=False).encode()
+    return problem.status, body, PROBLEM_MEDIA_TYPE
+
+
+class Enroller:
+    """The per-course queues of one process (kept in the service context)."""
+
+    def __init__(self, db: Database, gate: asyncio.Semaphore) -> None:
+        self.db = db
+        self.gate = gate
+        self.queues: dict[str, list[Attempt]] = {}
+        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.batches = 0
+
+    async def submit(self, attempt: Attempt) -> Response:
+        course_id = attempt.data.course_id
+        self.queues.setdefault(course_id, []).append(attempt)
+        if course_id not in self.workers:
+            self.workers[course_id] = asyncio.create_task(self._work(course_id))
+        return await asyncio.shield(attempt.future)
+
+    async def _work(self, course_id: str) -> None:
+        try:
+            while self.queues.get(course_id):
+                queue = self.queues[course_id]
+                batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
+                await self._run(course_id, batch)
+        finally:
+            if not self.queues.get(course_id):
+                self.queues.pop(course_id, None)
+            self.workers.pop(course_id, None)
+
+    async def _run(self, course_id: str, batch: list[Attempt]) -> None:
+        generation = service.sold_out_generation(course_id)
+        try:
+            async with self.gate:
+                answers, now_full = await decide(self.db, course_id, batch)
+            self.batches += 1
+        except Exception:
+            # Nothing of the batch was written: decide one at a time instead.
+            for attempt in batch:
+                await self._one(attempt)
+            return
+        if now_full:
+            service.mark_sold_out(course_id, generation)
+        for attempt, answer in zip(batch, answers, strict=True):
+            if attempt.future.done():
+                continue
+            if isinstance(answer, BaseException):
+                attempt.future.set_exception(answer)
+            else:
+                attempt.future.set_result(answer)
+
+    async def _one(self, attempt: Attempt) -> None:
+        async def work(session: AsyncSession) -> Any:
+            return await service.enroll(
+                session, attempt.principal, attempt.data, join_waitlist=attempt.join_waitlist
+            )
+
+        try:
+            async with self.gate:
+                claim = await _claim(self.db, attempt.claim)
+                if isinstance(claim, Response):
+                    answer = claim
+                else:
+                    answer = await idempotency.run(self.db, claim, work, status_code=201)
+        except BaseException as exc:  # answered to the waiting request
+            if not attempt.future.done():
+                attempt.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not attempt.future.done():
+            attempt.future.set_result(answer)
+
+
+async def _claim(
+    db: Database, claim: idempotency.IdempotentRequest
+) -> idempotency.IdempotentRequest | Response:
+    """``idempotency.begin`` for an already identified request."""
+    insert = sqlite_insert if db.is_sqlite else pg_insert
+    async with db.transaction() as session:
+        inserted = await session.execute(
+            insert(idempotency_table)
+            .values(
+                client=claim.client,
+                key=claim.key,
+                fingerprint=claim.fingerprint,
+                status="in_flight",
+                created_at=claim.claimed_at,
+            )
+            .on_conflict_do_nothing()
+        )
+        if inserted.rowcount:  # type: ignore[attr-defined]
+            return claim
+        row = (
+            (
+                await session.execute(
+                    select(idempotency_table).where(
+                        idempotency_table.c.client == claim.client,
+                        idempotency_table.c.key == claim.key,
+                    )
+                )
+            )
+            .mappings()
+            .one()
+        )
+    return idempotency.stored_answer(row, claim)
+
+
+async def stored(db: Database, claim: idempotency.IdempotentRequest) -> Response | None:
+    """What the key already answers (a replay, or a 409/422 problem), or None."""
+    async with db.read() as session:
+        row = (
+            (
+                await session.execute(
+                    select(idempotency_table).where(
+                        idempotency_table.c.client == claim.client,
+                        idempotency_table.c.key == claim.key,
+                    )
+                )
+            )
+            .mappings()
+            .first()
+        )
+    return None if row is None else idempotency.stored_answer(row, claim)
+
+
+async def decide(
+    db: Database, course_id: str, batch: Sequence[Attempt]
+) -> tuple[list[Response | BaseException], bool]:
+    """Decide a batch of attempts for one course in one transaction; returns
+    each attempt's answer and whether the course is full afterwards."""
+    answers: list[Response | BaseException | None] = [None] * len(batch)
+    keyed: dict[tuple[str, str], int] = {}  # (client, key) -> first attempt index
+    fresh: list[int] = []
+    for i, a in enumerate(batch):
+        k = (a.claim.client, a.claim.key)
+        if k in keyed:
+            continue  # a repeat inside the batch: answered like the first, below
+        keyed[k] = i
+    s, g = roster.students, roster.guardianships
+    now = utcnow()
+    async with db.transaction() as session:
+        # 1. Keys this batch does not own: replays and refusals, written nowhere.
+        existing = {
+            (row["client"], row["key"]): row
+            for row in (
+                await session.execute(
+                    select(idempotency_table).where(
+                        tuple_(idempotency_table.c.client, idempotency_table.c.key).in_(list(keyed))
+                    )
+                )
+            ).mappings()
+        }
+        for k, i in keyed.items():
+            row = existing.get(k)
+            if row is None:
+                fresh.append(i)
+                continue
+            try:
+                answers[i] = idempotency.stored_answer(row, batch[i].claim)
+            except Problem as problem:
+                answers[i] = problem
+        # 2. The children, locked in id order (then the course: the order
+        #    every enrollment transaction takes its locks in).
+        student_ids = sorted({batch[i].data.student_id for i in fresh})
+        students: dict[str, dict[str, Any]] = {}
+        guardians: dict[str, set[str]] = {}
+        if student_ids:
+            for row in (
+                await session.execute(
+                    select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
+                    .join(g, g.c.student_id == s.c.id)
+                    .where(s.c.id.in_(student_ids))
+                    .order_by(s.c.id)
+                    .with_for_update(of=s)
+                )
+            ).mappings():
+                students[row["id"]] = dict(row)
+                guardians.setdefault(row["id"], set()).add(row["guardian_id"])
+        course = (
+            await session.execute(
+                select(*service.COURSE_FOR_ENROLLMENT)
+                .join(Plan, Plan.id == Course.plan_id)
+                .where(Course.id == course_id)
+                .with_for_update(of=Course)
+            )
+        ).first()
+        mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
+        if student_ids:
+            for row in await session.execute(
+                select(
+                    Enrollment.id,
+                    Enrollment.course_id,
+                    Enrollment.student_id,
+                    Enrollment.status,
+                    Course.name,
+                    Course.weekdays,
+                    Course.start,
+                    Course.end,
+                )
+                .join(Course, Course.id == Enrollment.course_id)
+                .where(
+                    Enrollment.student_id.in_(student_ids),
+                    Enrollment.status.in_(ACTIVE_STATUSES),
+                )
+            ):
+                mine[row.student_id].append(row)
+        # 3. Each attempt in arrival order, as service.enroll decides it.
+        free = 0 if course is None else max(0, course.capacity - course.seats_taken)
+        seq = 0 if course is None else course.waitlist_seq
+        taken = queued = 0
+        rows: list[dict[str, Any]] = []
+        events: list[ev.EnrollmentChanged] = []
+        remembered: list[dict[str, Any]] = []
+        for i in fresh:
+            a = batch[i]
+            data = a.data
+            try:
+                student = students.get(data.student_id)
+                if (
+                    student is None
+                    or not student["active"]
+                    or not a.principal.has_role("parent")
+                    or a.principal.person_id not in guardians.get(data.student_id, ())
+                ):
+                    raise Problem(404, "学生不存在。")
+                service.check_attempt(
+                    student["school_id"], course, data, mine[data.student_id], now
+                )
+                assert course is not None
+                position: int | None = None
+                held_from = None
+                if course.window_mode == "lottery":
+                    status = "applied"
+                elif taken < free:
+                    status, held_from = "held", now
+                    taken += 1
+                elif not a.join_waitlist:
+                    raise service.full()
+                else:
+                    queued += 1
+                    status, position = "waitlisted", seq + queued
+                enrollment_id = service.new_id()
+                rows.append(
+                    {
+                        "id": enrollment_id,
+                        "course_id": course_id,
+                        "plan_id": course.plan_id,
+                        "school_id": course.school_id,
+                        "student_id": data.student_id,
+                        "guardian_id": a.principal.person_id or "",
+                        "status": status,
+                        "waitlist_position": position,
+                        "consent_at": now,
+                        "consent_statement": data.consent_statement,
+                        "created_at": now,
+                        "held_from": held_from,
+                        "withdrawn_at": None,
+                    }
+                )
+                events.append(
+                    ev.EnrollmentChanged(
+                        id=enrollment_id,
+                        course_id=course_id,
+                        school_id=course.school_id,
+                        student_id=data.student_id,
+                        status=status,  # type: ignore[arg-type]
+                        waitlist_position=position,
+                        occurred_at=now,
+                    )
+                )
+                mine[data.student_id].append(
+                    _Mine(
+                        enrollment_id,
+                        course_id,
+                        status,
+                        "",
+                        course.weekdays,
+                        course.start,
+                        course.end,
+                    )
+                )
+                out = schemas.EnrollmentOut(
+                    id=enrollment_id,
+                    course_id=course_id,
+                    student_id=data.student_id,
+                    status=status,
+                    waitlist_position=position,
+                    consent_at=now,
+                    created_at=now,
+                )
+                code, body, media = 201, out.model_dump_json().encode(), "application/json"
+            except Problem as problem:
+                code, body, media = _problem_response(problem)
+            answers[i] = Response(body, status_code=code, media_type=media)
+            remembered.append(
+                {
+                    "client": a.claim.client,
+                    "key": a.claim.key,
+                    "fingerprint": a.claim.fingerprint,
+                    "status": "done",
+                    "response_status": code,
+                    "response_body": body,
+                    "content_type": media,
+                    "created_at": a.claim.claimed_at,
+                    "completed_at": now,
+                }
+            )
+        # 4. One write of each kind.
+        if taken or queued:
+            done = await session.execute(
+                update(Course)
+                .where(Course.id == course_id, Course.seats_taken + taken <= Course.capacity)
+                .values(
+                    seats_taken=Course.seats_taken + taken,
+                    waitlist_seq=Course.waitlist_seq + queued,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise BatchLost
+        if rows:
+            await session.execute(Enrollment.__table__.insert(), rows)
+            await emit_many(session, events)
+        if remembered:
+            insert = sqlite_insert if db.is_sqlite else pg_insert
+            inserted = (
+                await session.execute(
+                    insert(idempotency_table)
+                    .values(remembered)
+                    .on_conflict_do_nothing()
+                    .returning(idempotency_table.c.key)
+                )
+            ).all()
+            if len(inserted) != len(remembered):
+                raise BatchLost  # another request took one of these keys meanwhile
+    # Repeats of a key inside the batch get the first answer, as replays.
+    for i, a in enumerate(batch):
+        if answers[i] is not None:
+            continue
+        first = keyed[(a.claim.client, a.claim.key)]
+        answer = answers[first]
+        if first in fresh and a.claim.fingerprint == batch[first].claim.fingerprint:
+            assert isinstance(answer, Response)
+            answers[i] = Response(
+                answer.body,
+                status_code=answer.status_code,
+                media_type=answer.media_type,
+                headers={"Idempotent-Replayed": "true"},
+            )
+        elif first in fresh:
+            answers[i] = Problem(
+                422,
+                f"该 {idempotency.HEADER} 已用于另一个不同的请求。",
+                slug="idempotency/mismatch",
+            )
+        elif isinstance(answer, Response):
+            answers[i] = Response(
+                answer.body,
+                status_code=answer.status_code,
+                media_type=answer.media_type,
+                headers={"Idempotent-Replayed": "true"},
+            )
+        else:
+            answers[i] = answer
+    now_full = course is not None and course.window_mode != "lottery" and taken >= free
+    return [a for a in answers if a is not None], now_full
+
+
+def sold_out_now(course_id: str) -> bool:
+    return service.is_sold_out(course_id, time.monotonic())
