@@ -112,12 +112,11 @@ async def enroll(
 ) -> Response:
     claim = await idempotency.identify(request, principal)
     if not waitlist and rush.sold_out_now(data.course_id):
-        # Known full and no waitlist wanted: answered from memory, nothing
+        # Known full and no waitlist wanted: told from one read, nothing
         # written — unless the key already holds an answer, which it repeats.
-        replay = await rush.stored(ctx.db, claim)
-        if replay is not None:
-            return replay
-        raise service.full()
+        answer = await rush.sold_out_answer(ctx.db, principal, data, claim)
+        if answer is not None:
+            return answer
     # Group commit: this course's attempts waiting in this process are decided
     # together in one transaction (services/afterschool/rush.py).
     attempt = rush.Attempt(principal, data, waitlist, claim)

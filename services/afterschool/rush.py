@@ -47,7 +47,7 @@ from chassis.db import Database, utcnow
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
 from chassis.messaging import emit_many, idempotency_table
 from contracts import afterschool as ev
-from services.afterschool import schemas, service
+from services.afterschool import rules, schemas, service
 from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
 
 MAX_BATCH = 500
@@ -192,22 +192,58 @@ async def _claim(
     return idempotency.stored_answer(row, claim)
 
 
-async def stored(db: Database, claim: idempotency.IdempotentRequest) -> Response | None:
-    """What the key already answers (a replay, or a 409/422 problem), or None."""
+async def sold_out_answer(
+    db: Database, principal: Principal, data: schemas.EnrollIn, claim: idempotency.IdempotentRequest
+) -> Response | None:
+    """The answer for a course this process knows is full, for a parent who
+    does not want the waitlist, from one read: the key's stored answer if it
+    has one (a retry is never told something else); "full" (raised, written
+    nowhere) when the caller's own active child is at the course's school, the
+    window is open and consent given; else None — the batch path decides (and
+    answers a stranger 404 exactly as for a missing course)."""
+    if not data.consent or not principal.has_role("parent") or not principal.person_id:
+        return None
+    s, g, k = roster.students, roster.guardianships, idempotency_table
     async with db.read() as session:
         row = (
             (
                 await session.execute(
-                    select(idempotency_table).where(
-                        idempotency_table.c.client == claim.client,
-                        idempotency_table.c.key == claim.key,
+                    select(
+                        s.c.school_id.label("student_school"),
+                        s.c.active,
+                        Course.school_id.label("course_school"),
+                        Course.status.label("course_status"),
+                        Plan.window_opens_at,
+                        Plan.window_closes_at,
+                        k.c.fingerprint,
+                        k.c.status,
+                        k.c.response_status,
+                        k.c.response_body,
+                        k.c.content_type,
                     )
+                    .select_from(s)
+                    .join(g, (g.c.student_id == s.c.id) & (g.c.guardian_id == principal.person_id))
+                    .join(Course, Course.id == data.course_id)
+                    .join(Plan, Plan.id == Course.plan_id)
+                    .outerjoin(k, (k.c.client == claim.client) & (k.c.key == claim.key))
+                    .where(s.c.id == data.student_id)
                 )
             )
             .mappings()
             .first()
         )
-    return None if row is None else idempotency.stored_answer(row, claim)
+    if row is None:
+        return None
+    if row["fingerprint"] is not None:
+        return idempotency.stored_answer(row, claim)
+    if (
+        not row["active"]
+        or row["student_school"] != row["course_school"]
+        or row["course_status"] != "active"
+        or rules.window_state(utcnow(), row["window_opens_at"], row["window_closes_at"]) != "open"
+    ):
+        return None
+    raise service.full()
 
 
 async def decide(

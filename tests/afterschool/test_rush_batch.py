@@ -183,6 +183,9 @@ async def test_as04_seat_freed_is_not_hidden_by_the_sold_out_memory(svc, mint):
     r = await enroll(svc.client, tokens[1], school.students[1], course["id"], waitlist=False)
     assert r.status_code == 409 and r.json()["full"] is True
     assert rush.sold_out_now(course["id"])
+    # Known full, but a stranger is not told so: someone else's child is 404.
+    r = await enroll(svc.client, tokens[1], school.students[2], course["id"], waitlist=False)
+    assert r.status_code == 404
     held = await enroll(
         svc.client, tokens[0], school.students[0], course["id"], key=str(uuid.uuid4())
     )
