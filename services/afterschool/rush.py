@@ -449,9 +449,9 @@ async def decide(
             inserted = (
                 await session.execute(
                     insert(idempotency_table)
-                    .values(remembered)
                     .on_conflict_do_nothing()
-                    .returning(idempotency_table.c.key)
+                    .returning(idempotency_table.c.key),
+                    remembered,
                 )
             ).all()
             if len(inserted) != len(remembered):
