@@ -111,15 +111,14 @@ async def enroll(
     waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
 ) -> Response:
     claim = await idempotency.identify(request, principal)
+    attempt = rush.Attempt(principal, data, waitlist, claim)
     if not waitlist and rush.sold_out_now(data.course_id):
-        # Known full and no waitlist wanted: told from one read, nothing
-        # written — unless the key already holds an answer, which it repeats.
-        answer = await rush.sold_out_answer(ctx.db, principal, data, claim)
-        if answer is not None:
-            return answer
+        # Known full and no waitlist wanted: told from one read shared by all
+        # such askers waiting, nothing written — unless the key already holds
+        # an answer, which it repeats (services/afterschool/rush.py).
+        return await _enroller(ctx).ask_sold_out(attempt)
     # Group commit: this course's attempts waiting in this process are decided
     # together in one transaction (services/afterschool/rush.py).
-    attempt = rush.Attempt(principal, data, waitlist, claim)
     return await _enroller(ctx).submit(attempt)
 
 

@@ -94,14 +94,49 @@ class Enroller:
         self.gate = gate
         self.queues: dict[str, list[Attempt]] = {}
         self.workers: dict[str, asyncio.Task[None]] = {}
+        self.sold_queue: list[Attempt] = []
+        self.sold_worker: asyncio.Task[None] | None = None
         self.batches = 0
 
     async def submit(self, attempt: Attempt) -> Response:
+        self._enqueue(attempt)
+        return await asyncio.shield(attempt.future)
+
+    def _enqueue(self, attempt: Attempt) -> None:
         course_id = attempt.data.course_id
         self.queues.setdefault(course_id, []).append(attempt)
         if course_id not in self.workers:
             self.workers[course_id] = asyncio.create_task(self._work(course_id))
+
+    async def ask_sold_out(self, attempt: Attempt) -> Response:
+        """A no-waitlist attempt for a course known full: answered with the
+        other such attempts waiting from one read, or else by the write batch."""
+        self.sold_queue.append(attempt)
+        if self.sold_worker is None:
+            self.sold_worker = asyncio.create_task(self._sold_work())
         return await asyncio.shield(attempt.future)
+
+    async def _sold_work(self) -> None:
+        try:
+            while self.sold_queue:
+                batch = self.sold_queue[:MAX_BATCH]
+                del self.sold_queue[:MAX_BATCH]
+                try:
+                    async with self.gate:
+                        answers = await sold_out_answers(self.db, batch)
+                except Exception:
+                    answers = [None] * len(batch)
+                for attempt, answer in zip(batch, answers, strict=True):
+                    if attempt.future.done():
+                        continue
+                    if answer is None:
+                        self._enqueue(attempt)
+                    elif isinstance(answer, BaseException):
+                        attempt.future.set_exception(answer)
+                    else:
+                        attempt.future.set_result(answer)
+        finally:
+            self.sold_worker = None
 
     async def _work(self, course_id: str) -> None:
         try:
@@ -192,58 +227,76 @@ async def _claim(
     return idempotency.stored_answer(row, claim)
 
 
-async def sold_out_answer(
-    db: Database, principal: Principal, data: schemas.EnrollIn, claim: idempotency.IdempotentRequest
-) -> Response | None:
-    """The answer for a course this process knows is full, for a parent who
-    does not want the waitlist, from one read: the key's stored answer if it
-    has one (a retry is never told something else); "full" (raised, written
-    nowhere) when the caller's own active child is at the course's school, the
-    window is open and consent given; else None — the batch path decides (and
-    answers a stranger 404 exactly as for a missing course)."""
-    if not data.consent or not principal.has_role("parent") or not principal.person_id:
-        return None
+async def sold_out_answers(
+    db: Database, batch: Sequence[Attempt]
+) -> list[Response | BaseException | None]:
+    """Answers for parents who do not want the waitlist, asking for courses
+    this process knows are full, from one read for the whole batch: the key's
+    stored answer if it has one (a retry is never told something else); "full"
+    (written nowhere) when the caller's own active child is at the course's
+    school, the window is open and consent given; else None — the write batch
+    decides (and answers a stranger 404 exactly as for a missing course)."""
     s, g, k = roster.students, roster.guardianships, idempotency_table
+    keys = list({(a.claim.client, a.claim.key) for a in batch})
+    student_ids = list({a.data.student_id for a in batch})
+    course_ids = list({a.data.course_id for a in batch})
     async with db.read() as session:
-        row = (
-            (
-                await session.execute(
-                    select(
-                        s.c.school_id.label("student_school"),
-                        s.c.active,
-                        Course.school_id.label("course_school"),
-                        Course.status.label("course_status"),
-                        Plan.window_opens_at,
-                        Plan.window_closes_at,
-                        k.c.fingerprint,
-                        k.c.status,
-                        k.c.response_status,
-                        k.c.response_body,
-                        k.c.content_type,
-                    )
-                    .select_from(s)
-                    .join(g, (g.c.student_id == s.c.id) & (g.c.guardian_id == principal.person_id))
-                    .join(Course, Course.id == data.course_id)
-                    .join(Plan, Plan.id == Course.plan_id)
-                    .outerjoin(k, (k.c.client == claim.client) & (k.c.key == claim.key))
-                    .where(s.c.id == data.student_id)
+        stored_rows = {
+            (row["client"], row["key"]): row
+            for row in (
+                await session.execute(select(k).where(tuple_(k.c.client, k.c.key).in_(keys)))
+            ).mappings()
+        }
+        students: dict[str, Any] = {}
+        guardians: dict[str, set[str]] = {}
+        for row in await session.execute(
+            select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
+            .join(g, g.c.student_id == s.c.id)
+            .where(s.c.id.in_(student_ids))
+        ):
+            students[row.id] = row
+            guardians.setdefault(row.id, set()).add(row.guardian_id)
+        courses = {
+            row.id: row
+            for row in await session.execute(
+                select(
+                    Course.id,
+                    Course.school_id,
+                    Course.status,
+                    Plan.window_opens_at,
+                    Plan.window_closes_at,
                 )
+                .join(Plan, Plan.id == Course.plan_id)
+                .where(Course.id.in_(course_ids))
             )
-            .mappings()
-            .first()
-        )
-    if row is None:
-        return None
-    if row["fingerprint"] is not None:
-        return idempotency.stored_answer(row, claim)
-    if (
-        not row["active"]
-        or row["student_school"] != row["course_school"]
-        or row["course_status"] != "active"
-        or rules.window_state(utcnow(), row["window_opens_at"], row["window_closes_at"]) != "open"
-    ):
-        return None
-    raise service.full()
+        }
+    now = utcnow()
+    answers: list[Response | BaseException | None] = []
+    for a in batch:
+        row = stored_rows.get((a.claim.client, a.claim.key))
+        if row is not None:
+            try:
+                answers.append(idempotency.stored_answer(row, a.claim))
+            except Problem as problem:
+                answers.append(problem)
+            continue
+        student = students.get(a.data.student_id)
+        course = courses.get(a.data.course_id)
+        if (
+            a.data.consent
+            and a.principal.has_role("parent")
+            and a.principal.person_id in guardians.get(a.data.student_id, ())
+            and student is not None
+            and student.active
+            and course is not None
+            and course.school_id == student.school_id
+            and course.status == "active"
+            and rules.window_state(now, course.window_opens_at, course.window_closes_at) == "open"
+        ):
+            answers.append(service.full())
+        else:
+            answers.append(None)
+    return answers
 
 
 async def decide(
