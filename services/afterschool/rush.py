@@ -1,15 +1,16 @@
-"""AS-04 the rush: enrollment attempts for one course decided together.
+"""AS-04 the rush: enrollment attempts decided together (group commit).
 
-Every attempt for a course joins that course's queue in this process; one
-worker per course takes everything waiting and decides it in ONE transaction:
-the Idempotency-Keys looked up once, the children's roster rows locked (in id
-order), the course row locked once, each attempt checked in arrival order
-exactly as ``service.enroll`` would (same refusals, same bodies), then one
-seat-counter UPDATE, one INSERT of the enrollments, one of the outbox events
-and one of the remembered answers (refusals included), one commit — and each
-attempt is answered. While a batch commits, the next one gathers.
+Every enrollment attempt joins this process's queue; one worker takes
+everything waiting (up to MAX_BATCH, any courses) and decides it in ONE
+transaction: the Idempotency-Keys looked up once, the children's roster rows
+locked (in id order), then the courses' rows (in id order), each attempt
+checked in arrival order exactly as ``service.enroll`` would (same refusals,
+same bodies), then one seat-counter UPDATE per course, one INSERT of the
+enrollments, one of the outbox events and one of the remembered answers
+(refusals included), one commit — and each attempt is answered. While a batch
+commits, the next one gathers.
 
-The database stays the authority: ``seats_taken <= capacity`` is a CHECK
+The database stays the authority: ``0 <= seats_taken <= capacity`` is a CHECK
 constraint, live enrollments are unique per (course, student), the counter
 UPDATE is conditional, and remembered keys are inserted with ON CONFLICT DO
 NOTHING RETURNING — a key another replica answered meanwhile rolls the whole
@@ -18,10 +19,11 @@ transaction); its attempts are then decided one at a time by the classic path
 (``idempotency.begin`` + ``service.enroll``), so several replicas, retries and
 crashes stay correct.
 
-Sold out: once this process has seen a course full, a parent who does not
-want the waitlist is told "full" from memory (after one primary-key read that
-the key does not already hold a different answer). The mark is dropped when
-this process frees a seat (after its commit) and trusted for
+Sold out: once this process has seen a first-come course full, parents who
+do not want the waitlist are answered together from one read (the keys'
+stored answers, their own children, the course's window) instead of a write
+transaction: "full", written nowhere, or the key's stored answer. The mark is
+dropped when this process frees a seat (after its commit) and trusted for
 ``service.SOLD_OUT_TTL`` seconds at most, so a seat freed through another
 replica shows within that time.
 """
@@ -87,13 +89,13 @@ def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
 
 
 class Enroller:
-    """The per-course queues of one process (kept in the service context)."""
+    """The enrollment queue of one process (kept in the service context)."""
 
     def __init__(self, db: Database, gate: asyncio.Semaphore) -> None:
         self.db = db
         self.gate = gate
-        self.queues: dict[str, list[Attempt]] = {}
-        self.workers: dict[str, asyncio.Task[None]] = {}
+        self.queue: list[Attempt] = []
+        self.worker: asyncio.Task[None] | None = None
         self.sold_queue: list[Attempt] = []
         self.sold_worker: asyncio.Task[None] | None = None
         self.batches = 0
@@ -103,10 +105,9 @@ class Enroller:
         return await asyncio.shield(attempt.future)
 
     def _enqueue(self, attempt: Attempt) -> None:
-        course_id = attempt.data.course_id
-        self.queues.setdefault(course_id, []).append(attempt)
-        if course_id not in self.workers:
-            self.workers[course_id] = asyncio.create_task(self._work(course_id))
+        self.queue.append(attempt)
+        if self.worker is None:
+            self.worker = asyncio.create_task(self._work())
 
     async def ask_sold_out(self, attempt: Attempt) -> Response:
         """A no-waitlist attempt for a course known full: answered with the
@@ -138,30 +139,30 @@ class Enroller:
         finally:
             self.sold_worker = None
 
-    async def _work(self, course_id: str) -> None:
+    async def _work(self) -> None:
         try:
-            while self.queues.get(course_id):
-                queue = self.queues[course_id]
-                batch, queue[:] = queue[:MAX_BATCH], queue[MAX_BATCH:]
-                await self._run(course_id, batch)
+            while self.queue:
+                batch = self.queue[:MAX_BATCH]
+                del self.queue[:MAX_BATCH]
+                await self._run(batch)
         finally:
-            if not self.queues.get(course_id):
-                self.queues.pop(course_id, None)
-            self.workers.pop(course_id, None)
+            self.worker = None
 
-    async def _run(self, course_id: str, batch: list[Attempt]) -> None:
-        generation = service.sold_out_generation(course_id)
+    async def _run(self, batch: list[Attempt]) -> None:
+        generations = {
+            a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch
+        }
         try:
             async with self.gate:
-                answers, now_full = await decide(self.db, course_id, batch)
+                answers, now_full = await decide(self.db, batch)
             self.batches += 1
         except Exception:
             # Nothing of the batch was written: decide one at a time instead.
             for attempt in batch:
                 await self._one(attempt)
             return
-        if now_full:
-            service.mark_sold_out(course_id, generation)
+        for course_id in now_full:
+            service.mark_sold_out(course_id, generations[course_id])
         for attempt, answer in zip(batch, answers, strict=True):
             if attempt.future.done():
                 continue
@@ -299,11 +300,21 @@ async def sold_out_answers(
     return answers
 
 
+@dataclass
+class _Seats:
+    """A course's seats as the batch hands them out."""
+
+    free: int
+    seq: int
+    taken: int = 0
+    queued: int = 0
+
+
 async def decide(
-    db: Database, course_id: str, batch: Sequence[Attempt]
-) -> tuple[list[Response | BaseException], bool]:
-    """Decide a batch of attempts for one course in one transaction; returns
-    each attempt's answer and whether the course is full afterwards."""
+    db: Database, batch: Sequence[Attempt]
+) -> tuple[list[Response | BaseException], set[str]]:
+    """Decide a batch of attempts (any courses) in one transaction; returns
+    each attempt's answer and the first-come courses full afterwards."""
     answers: list[Response | BaseException | None] = [None] * len(batch)
     keyed: dict[tuple[str, str], int] = {}  # (client, key) -> first attempt index
     fresh: list[int] = []
@@ -352,14 +363,24 @@ async def decide(
             ).mappings():
                 students[row["id"]] = dict(row)
                 guardians.setdefault(row["id"], set()).add(row["guardian_id"])
-        course = (
-            await session.execute(
-                select(*service.COURSE_FOR_ENROLLMENT)
-                .join(Plan, Plan.id == Course.plan_id)
-                .where(Course.id == course_id)
-                .with_for_update(of=Course)
+        course_ids = sorted({batch[i].data.course_id for i in fresh})
+        courses = {
+            row.id: row
+            for row in (
+                await session.execute(
+                    select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
+                    .join(Plan, Plan.id == Course.plan_id)
+                    .where(Course.id.in_(course_ids))
+                    .order_by(Course.id)
+                    .with_for_update(of=Course)
+                )
             )
-        ).first()
+            if course_ids
+        }
+        seats = {
+            cid: _Seats(max(0, c.capacity - c.seats_taken), c.waitlist_seq)
+            for cid, c in courses.items()
+        }
         mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
         if student_ids:
             for row in await session.execute(
@@ -381,15 +402,14 @@ async def decide(
             ):
                 mine[row.student_id].append(row)
         # 3. Each attempt in arrival order, as service.enroll decides it.
-        free = 0 if course is None else max(0, course.capacity - course.seats_taken)
-        seq = 0 if course is None else course.waitlist_seq
-        taken = queued = 0
         rows: list[dict[str, Any]] = []
         events: list[ev.EnrollmentChanged] = []
         remembered: list[dict[str, Any]] = []
         for i in fresh:
             a = batch[i]
             data = a.data
+            course_id = data.course_id
+            course = courses.get(course_id)
             try:
                 student = students.get(data.student_id)
                 if (
@@ -403,18 +423,19 @@ async def decide(
                     student["school_id"], course, data, mine[data.student_id], now
                 )
                 assert course is not None
+                left = seats[course_id]
                 position: int | None = None
                 held_from = None
                 if course.window_mode == "lottery":
                     status = "applied"
-                elif taken < free:
+                elif left.taken < left.free:
                     status, held_from = "held", now
-                    taken += 1
+                    left.taken += 1
                 elif not a.join_waitlist:
                     raise service.full()
                 else:
-                    queued += 1
-                    status, position = "waitlisted", seq + queued
+                    left.queued += 1
+                    status, position = "waitlisted", left.seq + left.queued
                 enrollment_id = service.new_id()
                 rows.append(
                     {
@@ -449,7 +470,7 @@ async def decide(
                         enrollment_id,
                         course_id,
                         status,
-                        "",
+                        course.name,
                         course.weekdays,
                         course.start,
                         course.end,
@@ -482,13 +503,15 @@ async def decide(
                 }
             )
         # 4. One write of each kind.
-        if taken or queued:
+        for course_id, left in seats.items():
+            if not (left.taken or left.queued):
+                continue
             done = await session.execute(
                 update(Course)
-                .where(Course.id == course_id, Course.seats_taken + taken <= Course.capacity)
+                .where(Course.id == course_id, Course.seats_taken + left.taken <= Course.capacity)
                 .values(
-                    seats_taken=Course.seats_taken + taken,
-                    waitlist_seq=Course.waitlist_seq + queued,
+                    seats_taken=Course.seats_taken + left.taken,
+                    waitlist_seq=Course.waitlist_seq + left.queued,
                 )
                 .execution_options(synchronize_session=False)
             )
@@ -538,7 +561,11 @@ async def decide(
             )
         else:
             answers[i] = answer
-    now_full = course is not None and course.window_mode != "lottery" and taken >= free
+    now_full = {
+        cid
+        for cid, left in seats.items()
+        if courses[cid].window_mode != "lottery" and left.taken >= left.free
+    }
     return [a for a in answers if a is not None], now_full
 
 

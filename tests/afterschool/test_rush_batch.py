@@ -147,7 +147,7 @@ async def test_as04_failed_batch_writes_nothing_then_attempts_are_decided_one_by
     state, remove = fail_once(svc, "INSERT INTO idempotency_keys")
     try:
         with pytest.raises(RuntimeError):
-            await rush.decide(svc.ctx.db, course["id"], attempts)
+            await rush.decide(svc.ctx.db, attempts)
     finally:
         remove()
     assert state["raised"] == 1
@@ -196,3 +196,46 @@ async def test_as04_seat_freed_is_not_hidden_by_the_sold_out_memory(svc, mint):
     assert not rush.sold_out_now(course["id"])
     r = await enroll(svc.client, tokens[2], school.students[2], course["id"], waitlist=False)
     assert r.status_code == 201 and r.json()["status"] == "held"
+
+
+async def test_as04_one_batch_many_courses_no_clash_no_duplicate(svc, mint):
+    school = await seed_school(svc.ctx.db, students=20)
+    admin = admin_token(mint, school)
+    plan = await make_plan(svc.client, admin, school)
+    same_slot = [
+        await add_course(
+            svc.client, admin, plan["id"], course_body(school, name=f"篮球{i}", capacity=3)
+        )
+        for i in range(2)
+    ]
+    later = await add_course(
+        svc.client,
+        admin,
+        plan["id"],
+        course_body(school, name="书法", kind="arts", capacity=3, start="16:30", end="17:30"),
+    )
+    await open_window(svc.client, admin, plan["id"])
+    tokens = [parent_token(mint, school, i) for i in range(20)]
+    # Each child taps both same-slot courses and the later one at once.
+    results = await asyncio.gather(
+        *(
+            enroll(svc.client, tokens[i], school.students[i], c["id"])
+            for i in range(20)
+            for c in (*same_slot, later)
+        )
+    )
+    by_student = [results[3 * i : 3 * i + 3] for i in range(20)]
+    for first, second, third in by_student:
+        assert third.status_code == 201  # another slot: no clash
+        same = sorted([first.status_code, second.status_code])
+        assert same == [201, 409]  # one of the two clashing courses, never both
+        refused = first if first.status_code == 409 else second
+        assert refused.json()["rule"] == "AS-04" and "篮球" in refused.json()["detail"]
+    on_same_slot = 0
+    for c in same_slot:
+        seats, held, rows, _, _ = await ledger(svc, c["id"])
+        assert seats == held <= 3  # 0 oversold, 0 leaked
+        on_same_slot += rows
+    assert on_same_slot == 20  # each child on exactly one of the two
+    seats, held, rows, _, _ = await ledger(svc, later["id"])
+    assert (seats, held, rows) == (3, 3, 20)  # everyone on it: 3 held, 17 waiting
