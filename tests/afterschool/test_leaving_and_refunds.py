@@ -354,3 +354,44 @@ async def test_as03_reinstated_institution_courses_stay_flagged_until_school_rea
     assert r.status_code == 201 and r.json()["status"] == "held"  # open for enrollment again
     r = await svc.client.post(reapprove, headers=auth(token))
     assert r.status_code == 409  # nothing left to re-approve
+
+
+async def test_as04_student_moving_to_another_school_frees_seat_rename_does_not(svc, mint):
+    school, _admin, _plan, course, _other = await menu(svc, mint, students=2, capacity=2)
+    for i in range(2):
+        r = await enroll(
+            svc.client, parent_token(mint, school, i), school.students[i], course["id"]
+        )
+        assert r.json()["status"] == "held"
+
+    def upserted(i: int, **changes):
+        return idev.StudentUpserted(
+            id=school.students[i],
+            school_id=changes.get("school_id", school.id),
+            class_id=school.class_id,
+            grade=3,
+            name=changes.get("name", f"张小{i}"),
+        )
+
+    # Student 0 is renamed (same school, active): nothing changes for the seat.
+    await publish_identity(svc, upserted(0, name="张晓零"))
+    # Student 1 transfers to another school: the seat here is given up.
+    await publish_identity(svc, upserted(1, school_id=str(uuid.uuid4())))
+
+    async def seats():
+        async with svc.ctx.db.read() as session:
+            c = await session.get(Course, course["id"], populate_existing=True)
+            statuses = dict(
+                (
+                    await session.execute(
+                        select(Enrollment.student_id, Enrollment.status).where(
+                            Enrollment.course_id == course["id"]
+                        )
+                    )
+                ).all()
+            )
+            return (c.seats_taken, statuses) if c.seats_taken == 1 else None
+
+    taken, statuses = await eventually(seats)
+    assert taken == 1
+    assert statuses == {school.students[0]: "held", school.students[1]: "withdrawn"}
