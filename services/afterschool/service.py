@@ -1077,7 +1077,8 @@ async def reapprove_course(
     """AS-03: a course flagged when its institution left the catalog stays
     flagged after the institution is reinstated, until the school re-approves
     it here — and only while the institution is back in the catalog and the
-    external share still holds."""
+    external share still holds. Seats freed while it was flagged go to its
+    waitlist, in order."""
     async with db.transaction() as session:
         course = (
             await session.execute(select(Course).where(Course.id == course_id).with_for_update())
@@ -1108,6 +1109,12 @@ async def reapprove_course(
         )
         course.status = "active"
         course.flag_reason = None
+        # Seats freed while flagged went to nobody: the waitlist's head gets
+        # them now, in order (AS-04).
+        while course.seats_taken < course.capacity:
+            if await _promote(session, course) is None:
+                break
+            course.seats_taken += 1
         return course_out(course)
 
 

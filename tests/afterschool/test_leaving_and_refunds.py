@@ -272,7 +272,7 @@ async def test_as01_as06_as05_weekend_make_up_days_are_service_days(svc, mint):
 
 
 async def test_as03_reinstated_institution_courses_stay_flagged_until_school_reapproves(svc, mint):
-    school = await seed_school(svc.ctx.db, students=1)
+    school = await seed_school(svc.ctx.db, students=2)
     token = admin_token(mint, school)
     institution_id = str(uuid.uuid4())
     await publish_institution(
@@ -301,7 +301,17 @@ async def test_as03_reinstated_institution_courses_stay_flagged_until_school_rea
         r = await svc.client.post(f"/plans/{plan['id']}/courses", json=body, headers=auth(token))
         return r.json() if r.status_code == 201 else None
 
+    body["capacity"] = 1
     course = await eventually(course_added)
+    await open_window(svc.client, token, plan["id"])
+    holder = await enroll(
+        svc.client, parent_token(mint, school, 0), school.students[0], course["id"]
+    )
+    assert holder.json()["status"] == "held"
+    waiter = await enroll(
+        svc.client, parent_token(mint, school, 1), school.students[1], course["id"]
+    )
+    assert waiter.json()["status"] == "waitlisted"
     t0 = dt.datetime.now(dt.UTC)
     await publish_institution(
         svc,
@@ -319,6 +329,11 @@ async def test_as03_reinstated_institution_courses_stay_flagged_until_school_rea
             return (await session.get(Course, course["id"])).status == "flagged"
 
     await eventually(flagged)
+    # The holder leaves while the course is flagged: nobody is moved in.
+    r = await svc.client.post(
+        f"/enrollments/{holder.json()['id']}/withdraw", headers=auth(parent_token(mint, school, 0))
+    )
+    assert r.status_code == 200
     reapprove = f"/courses/{course['id']}/reapprove"
     # While suspended, the school cannot bring the course back.
     r = await svc.client.post(reapprove, headers=auth(token))
@@ -349,9 +364,12 @@ async def test_as03_reinstated_institution_courses_stay_flagged_until_school_rea
     r = await svc.client.post(reapprove, headers=auth(token))
     assert r.status_code == 200 and r.json()["status"] == "active"
     assert r.json()["flag_reason"] is None
-    await open_window(svc.client, token, plan["id"])
-    r = await enroll(svc.client, parent_token(mint, school, 0), school.students[0], course["id"])
-    assert r.status_code == 201 and r.json()["status"] == "held"  # open for enrollment again
+    # The seat freed while flagged goes to the waitlist's head now.
+    assert (r.json()["seats_taken"], r.json()["seats_left"]) == (1, 0)
+    mine = await svc.client.get(
+        f"/students/{school.students[1]}/enrollments", headers=auth(parent_token(mint, school, 1))
+    )
+    assert mine.json()[0]["status"] == "held"
     r = await svc.client.post(reapprove, headers=auth(token))
     assert r.status_code == 409  # nothing left to re-approve
 
