@@ -95,7 +95,12 @@ async def begin(
     db: Database, request: Request, principal: Principal
 ) -> IdempotentRequest | Response:
     """Claim the request's key, or answer from what the key already holds."""
-    claim = await identify(request, principal)
+    return await claim_key(db, await identify(request, principal))
+
+
+async def claim_key(db: Database, claim: IdempotentRequest) -> IdempotentRequest | Response:
+    """`begin` for an identified request: claim its key in a short transaction
+    (taking over a claim whose lease ran out), or answer from the key."""
     insert = sqlite_insert if db.is_sqlite else pg_insert
     async with db.transaction() as session:
         inserted = await session.execute(
