@@ -179,7 +179,7 @@ class Enroller:
 
         try:
             async with self.gate:
-                claim = await _claim(self.db, attempt.claim)
+                claim = await idempotency.claim_key(self.db, attempt.claim)
                 if isinstance(claim, Response):
                     answer = claim
                 else:
@@ -192,40 +192,6 @@ class Enroller:
             return
         if not attempt.future.done():
             attempt.future.set_result(answer)
-
-
-async def _claim(
-    db: Database, claim: idempotency.IdempotentRequest
-) -> idempotency.IdempotentRequest | Response:
-    """``idempotency.begin`` for an already identified request."""
-    insert = sqlite_insert if db.is_sqlite else pg_insert
-    async with db.transaction() as session:
-        inserted = await session.execute(
-            insert(idempotency_table)
-            .values(
-                client=claim.client,
-                key=claim.key,
-                fingerprint=claim.fingerprint,
-                status="in_flight",
-                created_at=claim.claimed_at,
-            )
-            .on_conflict_do_nothing()
-        )
-        if inserted.rowcount:  # type: ignore[attr-defined]
-            return claim
-        row = (
-            (
-                await session.execute(
-                    select(idempotency_table).where(
-                        idempotency_table.c.client == claim.client,
-                        idempotency_table.c.key == claim.key,
-                    )
-                )
-            )
-            .mappings()
-            .one()
-        )
-    return idempotency.stored_answer(row, claim)
 
 
 async def sold_out_answers(
