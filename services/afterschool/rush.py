@@ -79,6 +79,13 @@ class _Mine:
     end: Any
 
 
+class _SinglePath(Exception):
+    """Marks an attempt the batch leaves to the one-at-a-time path."""
+
+
+SINGLE_PATH = _SinglePath()
+
+
 class BatchLost(Exception):
     """A key of the batch was answered elsewhere meanwhile: undo the batch."""
 
@@ -166,7 +173,9 @@ class Enroller:
         for attempt, answer in zip(batch, answers, strict=True):
             if attempt.future.done():
                 continue
-            if isinstance(answer, BaseException):
+            if answer is SINGLE_PATH:
+                await self._one(attempt)
+            elif isinstance(answer, BaseException):
                 attempt.future.set_exception(answer)
             else:
                 attempt.future.set_result(answer)
@@ -308,8 +317,17 @@ async def decide(
             if row is None:
                 fresh.append(i)
                 continue
+            claim = batch[i].claim
+            if (
+                row["status"] != "done"
+                and row["fingerprint"] == claim.fingerprint
+                and row["created_at"] <= claim.claimed_at - idempotency.CLAIM_LEASE
+            ):
+                # A claim left by a request that died: the single path takes it over.
+                answers[i] = SINGLE_PATH
+                continue
             try:
-                answers[i] = idempotency.stored_answer(row, batch[i].claim)
+                answers[i] = idempotency.stored_answer(row, claim)
             except Problem as problem:
                 answers[i] = problem
         # 2. The children, locked in id order (then the course: the order

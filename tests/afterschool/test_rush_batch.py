@@ -239,3 +239,40 @@ async def test_as04_one_batch_many_courses_no_clash_no_duplicate(svc, mint):
     assert on_same_slot == 20  # each child on exactly one of the two
     seats, held, rows, _, _ = await ledger(svc, later["id"])
     assert (seats, held, rows) == (3, 3, 20)  # everyone on it: 3 held, 17 waiting
+
+
+async def test_as04_key_left_in_flight_by_a_dead_request_is_taken_over_after_its_lease(svc, mint):
+    school, course = await hot_course(svc, mint, students=2, capacity=5)
+    token = parent_token(mint, school, 0)
+    body = {"student_id": school.students[0], "course_id": course["id"], "consent": True}
+    headers = {**auth(token), "Idempotency-Key": "dead-1"}
+    # What a request that died after claiming its key leaves behind, in flight.
+    first = await svc.client.post("/enrollments", json=body, headers=headers)
+    assert first.status_code == 201
+    async with svc.ctx.db.transaction() as session:
+        await session.execute(
+            idempotency_table.update()
+            .where(idempotency_table.c.key == "dead-1")
+            .values(
+                status="in_flight", created_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+            )
+        )
+        await session.execute(Enrollment.__table__.delete())
+        await session.execute(Course.__table__.update().values(seats_taken=0))
+    fresh = await svc.client.post("/enrollments", json=body, headers=headers)
+    assert fresh.status_code == 201 and fresh.json()["status"] == "held"
+    # A key still inside its lease is "in flight": retry later, nothing written.
+    headers2 = {**auth(parent_token(mint, school, 1)), "Idempotency-Key": "live-1"}
+    body2 = {**body, "student_id": school.students[1]}
+    r = await svc.client.post("/enrollments", json=body2, headers=headers2)
+    assert r.status_code == 201
+    async with svc.ctx.db.transaction() as session:
+        await session.execute(
+            idempotency_table.update()
+            .where(idempotency_table.c.key == "live-1")
+            .values(status="in_flight", created_at=dt.datetime.now(dt.UTC))
+        )
+    r = await svc.client.post("/enrollments", json=body2, headers=headers2)
+    assert r.status_code == 409 and r.headers["Retry-After"] == "1"
+    seats, held, rows, _, _ = await ledger(svc, course["id"])
+    assert (seats, held, rows) == (2, 2, 2)
