@@ -1,32 +1,46 @@
-"""After-school enrollment rush benchmark (AS-04).
+"""After-school enrollment rush benchmark (AS-04), through the gateway.
 
     .venv/bin/python bench/enrollment.py [--students 5000] [--concurrency 64]
+    BENCH_POSTGRES_URL=postgresql://postgres@127.0.0.1:5432/postgres \
+        .venv/bin/python bench/enrollment.py
 
-Starts its own NATS JetStream server and the afterschool service in-process
-(its full lifespan: migrations, outbox relay, consumers) on a SQLite file in a
-temporary directory, or on a fresh PostgreSQL database created under
-BENCH_POSTGRES_URL (an admin URL such as postgresql://postgres@127.0.0.1:5432/postgres;
-the database is dropped afterwards). Requests go directly to the service's
-ASGI app (no sockets, no gateway: the gateway's own cost is not measured).
-Every request carries a fresh access token's Authorization and an
-Idempotency-Key, as a parent's app would send.
+Starts, each in its own process as `make run` does: an embedded NATS
+JetStream server, the afterschool service (uvicorn, its full lifespan:
+migrations, outbox relay, consumers) and the gateway in front of it, started
+as bench/gateway.py starts it (production settings, token check against the
+bench's JWKS, access log on, webhooks off; rate limits set far above the load,
+since here thousands of parents share one address and the default enrollment
+limit would answer 429). The database is a SQLite file in a temporary
+directory, or a fresh PostgreSQL database created under BENCH_POSTGRES_URL (an
+admin URL; dropped afterwards). This process is the load generator (one
+aiohttp session); every request carries its parent's own access token and an
+Idempotency-Key, as a parent's app would send, so both the gateway and the
+service verify a token per request.
 
-It measures, in one run:
+It measures, in one run, through the gateway:
 
 (a) one hot course (100 seats): every student taps once; enrollments/s,
     p50/p99 latency (held or waitlisted answers);
 (b) sold out: further students ask for the full hot course without the
     waitlist; p50/p99 of the "full" answers;
-(c) 100 courses (50 seats each): every student enrolls in one; enrollments/s;
-(d) the raw SQL of the same transaction (idempotency claim, own-child lock,
-    course and plan, clash check, seat UPDATE, enrollment and outbox INSERT,
-    response remembered) on the same engine at the same concurrency, and the
-    ratio API / raw.
+(c) 100 courses (50 seats each): every student enrolls in one; enrollments/s
+    and p50/p99;
+
+then (a) and (b) again directly against the service (other students, a
+second hot course), and
+
+(d) the raw SQL of one enrollment as the service did it before group commit
+    (idempotency claim; own-child lock, course and plan, clash check, seat
+    UPDATE, enrollment and outbox INSERT, response remembered), on an engine
+    of the same pool size in this process at the same concurrency, and the
+    ratio gateway / raw.
 
 It checks the invariants after each phase (seats taken = enrollments held,
 none oversold, no student twice) and prints the figures beside the targets
 (PostgreSQL: >= 1,000 enrollments/s on one hot course, p99 <= 100 ms,
-sold-out p99 <= 20 ms). It reports; it exits 0 when it ran to completion.
+sold-out p99 <= 20 ms) with PASS/FAIL. It reports; it exits 0 when it ran to
+completion. All processes share the machine's cores: figures depend on the
+machine and on whatever else runs on it.
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,18 +63,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import aiohttp
 import httpx
 from sqlalchemy import func, select, text
 
-from chassis.auth import StaticKeySource
-from chassis.config import PlatformSettings, service_settings
-from chassis.db import utcnow
-from launcher.nats_server import EmbeddedNats
-from services.afterschool.app import create_app
+from chassis.db import Database, utcnow
+from launcher.nats_server import EmbeddedNats, free_port
 from services.afterschool.models import Course, Enrollment
 from services.identity.tokens import SigningKey, TokenIssuer
 from tests.afterschool import helpers
 
+ROOT = Path(__file__).resolve().parent.parent
 ISSUER = "https://identity.bench"
 AUDIENCE = "shuangjian"
 
@@ -230,6 +245,87 @@ def line(label: str, value: str, target: str = "", ok: bool | None = None) -> No
     print(f"  {label:<46} {value:>18}   {target:<22} {verdict}")
 
 
+def serve_service(port: int, jwks_file: str) -> None:
+    """Child mode: the afterschool service as `shuangjian serve afterschool`
+    runs it, verifying tokens against a JWKS file (no identity service here)."""
+    import uvicorn
+
+    from chassis.auth import StaticKeySource
+    from services.afterschool.app import create_app
+
+    app = create_app(key_source=StaticKeySource(json.loads(Path(jwks_file).read_text())))
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+
+
+async def wait_up(url: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(url)).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start_processes(
+    tmp: Path, nats_url: str, db_url: str, jwks_file: Path
+) -> tuple[list[subprocess.Popen[bytes]], str, str]:
+    service_port, gateway_port = free_port(), free_port()
+    huge = {"per_second": 1e9, "burst": 1_000_000_000}
+    (tmp / "var").mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "VAR_DIR": str(tmp / "var"),
+        "NATS_URL": nats_url,
+        "LOG_LEVEL": "WARNING",
+        "AUTH_ISSUER": ISSUER,
+        "AUTH_AUDIENCE": AUDIENCE,
+        "ID_HASH_PEPPER": "bench",
+        "AFTERSCHOOL_DATABASE_URL": db_url,
+        "AFTERSCHOOL_PORT": str(service_port),
+        "GATEWAY_PORT": str(gateway_port),
+        "GATEWAY_UPSTREAM_AFTERSCHOOL": f"http://127.0.0.1:{service_port}",
+        "GATEWAY_WEBHOOKS_ENABLED": "false",
+        "GATEWAY_RATE_LIMITS": json.dumps(
+            [{"name": "default", "path": "/api/v1/**", "per_client": huge, "per_ip": huge}]
+        ),
+    }
+    env.pop("REDIS_URL", None)
+    quiet = {"env": env, "cwd": ROOT, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--serve-service", str(service_port), str(jwks_file)],
+            **quiet,  # type: ignore[arg-type]
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "gateway.py"),
+                "--serve-gateway",
+                str(gateway_port),
+                str(jwks_file),
+            ],
+            **quiet,  # type: ignore[arg-type]
+        ),
+    ]
+    return (
+        children,
+        f"http://127.0.0.1:{service_port}",
+        f"http://127.0.0.1:{gateway_port}/api/v1/afterschool",
+    )
+
+
 async def bench(args: argparse.Namespace) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-enrollment-"))
     nats = EmbeddedNats(tmp / "nats").start()
@@ -241,6 +337,8 @@ async def bench(args: argparse.Namespace) -> None:
         url = f"sqlite+aiosqlite:///{tmp / 'afterschool.sqlite3'}"
     key = SigningKey.load_or_create(tmp / "signing-key.pem")
     issuer = TokenIssuer([key], issuer=ISSUER, audience=AUDIENCE)
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_text(json.dumps(issuer.jwks()))
 
     def mint(*roles: str, tenants: tuple[str, ...] = (), person_id: str | None = None) -> str:
         return issuer.access_token(
@@ -251,123 +349,161 @@ async def bench(args: argparse.Namespace) -> None:
             person_id=person_id,
         )
 
-    platform = PlatformSettings(
-        NATS_URL=nats.url,
-        VAR_DIR=tmp / "var",
-        AUTH_ISSUER=ISSUER,
-        AUTH_AUDIENCE=AUDIENCE,
-        ID_HASH_PEPPER="bench",
-        LOG_LEVEL="ERROR",
-    )
-    app = create_app(
-        settings=service_settings("afterschool", database_url=url),
-        platform=platform,
-        key_source=StaticKeySource(issuer.jwks()),
-    )
     n, extra, c = args.students, args.sold_out, args.concurrency
     backend = "PostgreSQL" if admin_url else "SQLite"
+    children, direct, gateway = start_processes(tmp, nats.url, url, jwks_file)
+    db: Database | None = None
     try:
-        async with app.router.lifespan_context(app):
-            client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://afterschool"
-            )
-            db = app.state.ctx.db
-            school = await helpers.seed_school(db, students=n + extra)
-            admin = helpers.admin_token(mint, school)
-            plan = await helpers.make_plan(client, admin, school)
-            body = helpers.course_body
-            hot = await helpers.add_course(
-                client, admin, plan["id"], body(school, name="热门", capacity=100)
-            )
-            many = [
-                await helpers.add_course(
-                    client,
-                    admin,
-                    plan["id"],
-                    body(school, name=f"课程{i}", capacity=50, start="16:30", end="17:30"),
-                )
-                for i in range(100)
-            ]
-            raw_course = await helpers.add_course(
+        await wait_up(f"{direct}/healthz")
+        await wait_up(gateway.rsplit("/api/", 1)[0] + "/healthz")
+        db = Database(url, service="bench", pool_size=10)
+        client = httpx.AsyncClient(base_url=direct, timeout=60)
+        # students [0, n): gateway phases and raw SQL; [n, 2n): direct phase;
+        # [2n, 2n + extra): the sold-out askers (refused, so free for both).
+        school = await helpers.seed_school(db, students=2 * n + extra)
+        admin = helpers.admin_token(mint, school)
+        plan = await helpers.make_plan(client, admin, school)
+        body = helpers.course_body
+        hot = await helpers.add_course(
+            client, admin, plan["id"], body(school, name="热门", capacity=100)
+        )
+        hot_direct = await helpers.add_course(
+            client, admin, plan["id"], body(school, name="热门2", capacity=100)
+        )
+        many = [
+            await helpers.add_course(
                 client,
                 admin,
                 plan["id"],
-                body(school, name="raw", capacity=100, start="17:30", end="18:30"),
+                body(school, name=f"课程{i}", capacity=50, start="16:30", end="17:30"),
             )
-            await helpers.open_window(client, admin, plan["id"])
-            tokens = [helpers.parent_token(mint, school, i) for i in range(n + extra)]
+            for i in range(100)
+        ]
+        raw_course = await helpers.add_course(
+            client,
+            admin,
+            plan["id"],
+            body(school, name="raw", capacity=100, start="17:30", end="18:30"),
+        )
+        await helpers.open_window(client, admin, plan["id"])
+        await client.aclose()
+        tokens = [helpers.parent_token(mint, school, i) for i in range(2 * n + extra)]
+        connector = aiohttp.TCPConnector(limit=0)
+        session = aiohttp.ClientSession(connector=connector)
 
-            def tap(course_of: Callable[[int], str], offset: int = 0, waitlist: bool = True):
-                async def one(i: int) -> tuple[int, float]:
-                    i += offset
-                    t = time.perf_counter()
-                    r = await helpers.enroll(
-                        client,
-                        tokens[i],
-                        school.students[i],
-                        course_of(i),
-                        key=f"k-{i}-{course_of(i)}",
-                        waitlist=waitlist,
-                    )
-                    return r.status_code, time.perf_counter() - t
+        def tap(base: str, course_of: Callable[[int], str], offset: int = 0, waitlist: bool = True):
+            suffix = "" if waitlist else "?waitlist=false"
 
-                return one
+            async def one(i: int) -> tuple[int, float]:
+                i += offset
+                course_id = course_of(i)
+                t = time.perf_counter()
+                async with session.post(
+                    f"{base}/enrollments{suffix}",
+                    json={
+                        "student_id": school.students[i],
+                        "course_id": course_id,
+                        "consent": True,
+                    },
+                    headers={
+                        "Authorization": f"Bearer {tokens[i]}",
+                        "Idempotency-Key": f"k-{i}-{course_id}",
+                    },
+                ) as r:
+                    await r.read()
+                    return r.status, time.perf_counter() - t
 
-            print(f"\nafter-school enrollment rush on {backend}, {n} students, concurrency {c}")
-            print("  (in-process ASGI, no gateway; every request verifies its token)")
+            return one
 
-            elapsed, hot_results = await run_load(n, c, tap(lambda i: hot["id"]))
-            codes = {code for code, _ in hot_results}
-            lat = [t * 1000 for _, t in hot_results]
-            rate = n / elapsed
-            print(f"\n(a) one hot course, 100 seats; answers {sorted(codes)}")
+        def report_hot(label: str, elapsed: float, results: list[tuple[int, float]]) -> float:
+            codes = sorted({code for code, _ in results})
+            lat = [t * 1000 for _, t in results]
+            rate = len(results) / elapsed
+            print(f"\n{label}; answers {codes}")
             line("enrollments/s", f"{rate:,.0f}", ">= 1,000 (PostgreSQL)", rate >= 1000)
             line("latency p50 ms", f"{statistics.median(lat):.1f}")
             line("latency p99 ms", f"{pct(lat, 99):.1f}", "<= 100", pct(lat, 99) <= 100)
-            print("  " + await check(db, [hot["id"]]))
+            return rate
 
-            _, sold = await run_load(extra, c, tap(lambda i: hot["id"], offset=n, waitlist=False))
-            full = [t * 1000 for code, t in sold if code == 409]
-            print(f"\n(b) sold out, no waitlist wanted: {len(full)} of {extra} told 'full'")
-            line("sold-out answer p50 ms", f"{statistics.median(full):.1f}")
-            line("sold-out answer p99 ms", f"{pct(full, 99):.1f}", "<= 20", pct(full, 99) <= 20)
+        def report_sold(label: str, results: list[tuple[int, float]]) -> None:
+            full = [t * 1000 for code, t in results if code == 409]
+            print(f"\n{label}: {len(full)} of {len(results)} told 'full'")
+            if full:
+                line("sold-out answer p50 ms", f"{statistics.median(full):.1f}")
+                line("sold-out answer p99 ms", f"{pct(full, 99):.1f}", "<= 20", pct(full, 99) <= 20)
 
-            elapsed, spread = await run_load(n, c, tap(lambda i: many[i % 100]["id"]))
-            lat = [t * 1000 for _, t in spread]
-            spread_rate = n / elapsed
-            print(f"\n(c) 100 courses, 50 seats each; answers {sorted({s for s, _ in spread})}")
-            line("enrollments/s", f"{spread_rate:,.0f}")
-            line("latency p50 ms", f"{statistics.median(lat):.1f}")
-            line("latency p99 ms", f"{pct(lat, 99):.1f}")
-            print("  " + await check(db, [m["id"] for m in many]))
+        print(f"\nafter-school enrollment rush on {backend}, {n} students, concurrency {c}")
+        print("  (separate processes: load generator -> gateway -> afterschool -> database)")
 
-            async def raw_one(i: int) -> tuple[int, float]:
-                t = time.perf_counter()
-                await raw_enroll(
-                    db,
-                    school.students[i],
-                    school.guardians[i],
-                    raw_course["id"],
-                    plan["id"],
-                    f"raw-{i}",
-                )
-                return 0, time.perf_counter() - t
+        elapsed, results = await run_load(n, c, tap(gateway, lambda i: hot["id"]))
+        rate = report_hot("(a) through the gateway: one hot course, 100 seats", elapsed, results)
+        print("  " + await check(db, [hot["id"]]))
 
-            elapsed, raw = await run_load(n, c, raw_one)
-            raw_rate = n / elapsed
-            lat = [t * 1000 for _, t in raw]
-            print("\n(d) raw SQL of the same transaction, same engine and concurrency")
-            line("transactions/s", f"{raw_rate:,.0f}")
-            line("latency p99 ms", f"{pct(lat, 99):.1f}")
-            line("ratio API / raw (one hot course)", f"{rate / raw_rate:.2f}")
-            await client.aclose()
+        _, sold = await run_load(
+            extra, c, tap(gateway, lambda i: hot["id"], offset=2 * n, waitlist=False)
+        )
+        report_sold("(b) through the gateway: sold out, no waitlist wanted", sold)
+
+        elapsed, spread = await run_load(n, c, tap(gateway, lambda i: many[i % 100]["id"]))
+        lat = [t * 1000 for _, t in spread]
+        print(
+            "\n(c) through the gateway: 100 courses, 50 seats each; answers "
+            f"{sorted({s for s, _ in spread})}"
+        )
+        line("enrollments/s", f"{n / elapsed:,.0f}")
+        line("latency p50 ms", f"{statistics.median(lat):.1f}")
+        line("latency p99 ms", f"{pct(lat, 99):.1f}")
+        print("  " + await check(db, [m["id"] for m in many]))
+
+        elapsed, results = await run_load(n, c, tap(direct, lambda i: hot_direct["id"], offset=n))
+        report_hot("(a') directly to the service: one hot course, 100 seats", elapsed, results)
+        print("  " + await check(db, [hot_direct["id"]]))
+        _, sold = await run_load(
+            extra, c, tap(direct, lambda i: hot_direct["id"], offset=2 * n, waitlist=False)
+        )
+        report_sold("(b') directly to the service: sold out, no waitlist wanted", sold)
+        await session.close()
+
+        async def raw_one(i: int) -> tuple[int, float]:
+            t = time.perf_counter()
+            await raw_enroll(
+                db,
+                school.students[i],
+                school.guardians[i],
+                raw_course["id"],
+                plan["id"],
+                f"raw-{i}",
+            )
+            return 0, time.perf_counter() - t
+
+        elapsed, raw = await run_load(n, c, raw_one)
+        raw_rate = n / elapsed
+        lat = [t * 1000 for _, t in raw]
+        print("\n(d) raw SQL of one enrollment, one transaction per request (no batching),")
+        print("    same database, pool of 10, same concurrency")
+        line("transactions/s", f"{raw_rate:,.0f}")
+        line("latency p99 ms", f"{pct(lat, 99):.1f}")
+        line("ratio gateway / raw (one hot course)", f"{rate / raw_rate:.2f}")
     finally:
+        for child in children:
+            child.terminate()
+        for child in children:
+            try:
+                child.wait(15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if db is not None:
+            await db.engine.dispose()
         nats.stop()
         if admin_url and pg_name:
             await drop_pg_database(admin_url, pg_name)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-service":
+        serve_service(int(sys.argv[2]), sys.argv[3])
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--students", type=int, default=5000)
     parser.add_argument("--sold-out", type=int, default=1000)

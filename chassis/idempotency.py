@@ -52,7 +52,9 @@ class IdempotentRequest:
 
 
 async def identify(request: Request, principal: Principal) -> IdempotentRequest:
-    """The request's key, client and fingerprint (no database access)."""
+    """The request's key, client and fingerprint (400 without a usable key);
+    nothing is claimed yet — for services that claim keys in their own
+    transaction (see ``claim_in``, or many requests decided in one batch)."""
     key = request.headers.get(HEADER)
     if not key:
         raise Problem(400, f"此操作须携带 {HEADER} 请求头（重试时使用同一值）。")
@@ -72,7 +74,12 @@ async def begin(
     db: Database, request: Request, principal: Principal
 ) -> IdempotentRequest | Response:
     """Claim the request's key, or answer from what the key already holds."""
-    claim = await identify(request, principal)
+    return await claim_key(db, await identify(request, principal))
+
+
+async def claim_key(db: Database, claim: IdempotentRequest) -> IdempotentRequest | Response:
+    """`begin` for an identified request: claim its key in a short transaction
+    (taking over a claim whose lease ran out), or answer from the key."""
     async with db.transaction() as session:
         answer = await claim_in(session, claim)
     if answer is None:
@@ -137,6 +144,15 @@ async def claim_in(session: AsyncSession, claim: IdempotentRequest) -> Response 
         raise Problem(422, f"该 {HEADER} 已用于另一个不同的请求。", slug="idempotency/mismatch")
     if row["status"] != "done" and row["created_at"] <= claim.claimed_at - CLAIM_LEASE:
         return _TakeOver(row["created_at"])
+    return stored_answer(row, claim)
+
+
+def stored_answer(row: Any, claim: IdempotentRequest) -> Response:
+    """What a key's stored row answers to a repeat of ``claim``: 422 for a
+    different request, 409 while the first is in flight, else the first
+    response byte for byte."""
+    if row["fingerprint"] != claim.fingerprint:
+        raise Problem(422, f"该 {HEADER} 已用于另一个不同的请求。", slug="idempotency/mismatch")
     if row["status"] != "done":
         raise _in_flight()
     return Response(

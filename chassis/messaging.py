@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -128,6 +128,30 @@ async def emit(session: AsyncSession, event: IntegrationEvent) -> Envelope:
     )
     session.info.setdefault("outbox_events", []).append(envelope)
     return envelope
+
+
+async def emit_many(session: AsyncSession, events: Sequence[IntegrationEvent]) -> list[Envelope]:
+    """`emit` for many events in one statement (a batch's outbox rows), in order."""
+    if not events:
+        return []
+    source = session.info.get("service", "unknown")
+    envelopes = [Envelope.wrap(event, source=source) for event in events]
+    now = utcnow()
+    await session.execute(
+        outbox_table.insert(),
+        [
+            {
+                "event_id": envelope.id,
+                "type": envelope.type,
+                "payload": envelope.model_dump_json(),
+                "created_at": now,
+                "attempts": 0,
+            }
+            for envelope in envelopes
+        ],
+    )
+    session.info.setdefault("outbox_events", []).extend(envelopes)
+    return envelopes
 
 
 class OutboxRelay:

@@ -12,8 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from chassis import idempotency
 from chassis.app import DB, Ctx, Policies, ServiceContext
 from chassis.auth import CurrentPrincipal
-from chassis.errors import rule_violation
-from services.afterschool import operations, schemas, service
+from services.afterschool import operations, rush, schemas, service
 
 router = APIRouter()
 
@@ -111,32 +110,28 @@ async def enroll(
     ctx: Ctx,
     waitlist: bool = Query(True, description="课程已满时是否进入候补（先到先得）"),
 ) -> Response:
-    if not waitlist:
-        left = await service.seats_left(ctx.db, principal, data.course_id, data.student_id)
-        if left is not None and left <= 0:
-            # Sold out and no waitlist wanted: answered from a read, nothing written.
-            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
-    # Admission control: at most pool-size seat transactions at once, so a
-    # rush queues here (in memory, in arrival order) instead of holding row
-    # locks while waiting for a connection. A pool timeout all the same is
-    # the chassis's 503 with Retry-After, the key released, nothing written.
-    async with _enroll_gate(ctx):
-        claim = await idempotency.begin(ctx.db, request, principal)
-        if isinstance(claim, Response):
-            return claim
-
-        async def work(session: AsyncSession) -> Any:
-            return await service.enroll(session, principal, data, join_waitlist=waitlist)
-
-        return await idempotency.run(ctx.db, claim, work, status_code=201)
+    claim = await idempotency.identify(request, principal)
+    attempt = rush.Attempt(principal, data, waitlist, claim)
+    if not waitlist and rush.sold_out_now(data.course_id):
+        # Known full and no waitlist wanted: told from one read shared by all
+        # such askers waiting, nothing written — unless the key already holds
+        # an answer, which it repeats (services/afterschool/rush.py).
+        return await _enroller(ctx).ask_sold_out(attempt)
+    # Group commit: this course's attempts waiting in this process are decided
+    # together in one transaction (services/afterschool/rush.py).
+    return await _enroller(ctx).submit(attempt)
 
 
-def _enroll_gate(ctx: ServiceContext) -> asyncio.Semaphore:
-    gate = ctx.extras.get("enroll_gate")
-    if gate is None:
-        gate = ctx.extras["enroll_gate"] = asyncio.Semaphore(max(1, ctx.settings.db_pool_size))
-    assert isinstance(gate, asyncio.Semaphore)
-    return gate
+def _enroller(ctx: ServiceContext) -> rush.Enroller:
+    enroller = ctx.extras.get("enroller")
+    if enroller is None:
+        # At most pool-size enrollment transactions at once: a rush queues in
+        # memory, in arrival order, instead of holding locks while waiting for
+        # a connection.
+        gate = asyncio.Semaphore(max(1, ctx.settings.db_pool_size))
+        enroller = ctx.extras["enroller"] = rush.Enroller(ctx.db, gate)
+    assert isinstance(enroller, rush.Enroller)
+    return enroller
 
 
 @router.post(
@@ -159,6 +154,17 @@ async def course_enrollments(
     course_id: str, principal: CurrentPrincipal, db: DB
 ) -> list[dict[str, Any]]:
     return await service.course_enrollments(db, principal, course_id)
+
+
+@router.post(
+    "/courses/{course_id}/reapprove",
+    summary="机构恢复后学校重新批准被暂停的课程（AS-03）",
+    tags=["方案与课程"],
+)
+async def reapprove_course(
+    course_id: str, principal: CurrentPrincipal, db: DB, policies: Policies
+) -> schemas.CourseOut:
+    return await service.reapprove_course(db, policies, principal, course_id)
 
 
 @router.get("/students/{student_id}/enrollments", summary="学生的报名记录", tags=["报名"])
@@ -300,6 +306,28 @@ async def student_statements(
     student_id: str, principal: CurrentPrincipal, db: DB
 ) -> list[dict[str, Any]]:
     return await operations.student_statements(db, principal, student_id)
+
+
+@router.get(
+    "/students/{student_id}/refunds",
+    summary="孩子的退费记录：金额、天数、非税账户（监护人与学校，AS-05）",
+    tags=["收费"],
+)
+async def student_refunds(
+    student_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await service.student_refunds(db, principal, student_id)
+
+
+@router.get(
+    "/schools/{school_id}/refunds",
+    summary="学校的退费台账（AS-05）",
+    tags=["收费"],
+)
+async def school_refunds(
+    school_id: str, principal: CurrentPrincipal, db: DB
+) -> list[dict[str, Any]]:
+    return await service.school_refunds(db, principal, school_id)
 
 
 # ------------------------------------------------------ AS-07 evaluation

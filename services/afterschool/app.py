@@ -7,10 +7,12 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from chassis.app import ServiceSpec, create_service_app
-from chassis.roster import roster_subscription
 from services.afterschool.api import router
-from services.afterschool.consumers import institutions_subscription
-from services.afterschool.models import Base, roster
+from services.afterschool.consumers import (
+    afterschool_roster_subscription,
+    institutions_subscription,
+)
+from services.afterschool.models import Base
 
 SPEC = ServiceSpec(
     name="afterschool",
@@ -19,7 +21,7 @@ SPEC = ServiceSpec(
     routers=[router],
     metadata=Base.metadata,
     migrations_dir=Path(__file__).resolve().parent / "migrations",
-    subscriptions=[roster_subscription(roster), institutions_subscription()],
+    subscriptions=[afterschool_roster_subscription(), institutions_subscription()],
 )
 
 

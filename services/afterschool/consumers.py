@@ -8,10 +8,19 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.db import utcnow
 from chassis.messaging import Subscription, emit
+from chassis.roster import roster_subscription
 from contracts import afterschool as ev
+from contracts import identity as idev
 from contracts import institutions as inst
 from contracts.base import Envelope
-from services.afterschool.models import ACTIVE_STATUSES, CatalogInstitution, Course, Enrollment
+from services.afterschool import service
+from services.afterschool.models import (
+    ACTIVE_STATUSES,
+    CatalogInstitution,
+    Course,
+    Enrollment,
+    roster,
+)
 
 FACT_EVENTS = (
     inst.LicenceReviewStarted,
@@ -100,3 +109,19 @@ def institutions_subscription() -> Subscription:
         producer="institutions",
         handlers={event.TYPE: handle for event in FACT_EVENTS},
     )
+
+
+def afterschool_roster_subscription() -> Subscription:
+    """The chassis's roster copy, plus AS-04: when a student leaves the school
+    (inactive, or moved to another school) their seats are freed in the same
+    transaction as the roster row (seat to the waitlist, per-day refund)."""
+    subscription = roster_subscription(roster)
+    upsert_student = subscription.handlers[idev.StudentUpserted.TYPE]
+
+    async def student(session: AsyncSession, envelope: Envelope) -> None:
+        await upsert_student(session, envelope)
+        e = idev.StudentUpserted.model_validate(envelope.data)
+        await service.student_left(session, e.id, e.school_id, e.active)
+
+    subscription.handlers[idev.StudentUpserted.TYPE] = student
+    return subscription

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     Boolean,
+    CheckConstraint,
     Date,
     ForeignKey,
     Index,
@@ -50,6 +51,11 @@ class Plan(Base):
     service_days: Mapped[list[str]] = mapped_column(JSON)  # ISO dates
     service_weekdays: Mapped[list[int]] = mapped_column(JSON)
     delayed_care_student_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # 调休上班日: ISO date of each weekend make-up working day -> the weekday
+    # (1-7) whose timetable it runs (AS-01: a make-up day is a service day).
+    make_up_weekdays: Mapped[dict[str, int]] = mapped_column(
+        JSON, default=dict, server_default="{}"
+    )
     fee_standard_fen: Mapped[int] = mapped_column(Integer)
     fee_unit: Mapped[str] = mapped_column(String(16))  # month | session
     window_opens_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
@@ -81,6 +87,10 @@ class Course(Base):
     """AS-02 菜单式课程; seats_taken always equals the held enrollments."""
 
     __tablename__ = "courses"
+    __table_args__ = (
+        # The database is the seat authority, whatever runs in front of it.
+        CheckConstraint("seats_taken >= 0 AND seats_taken <= capacity", name="seats_within"),
+    )
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     plan_id: Mapped[str] = mapped_column(ForeignKey("plans.id"), index=True)
     school_id: Mapped[str] = mapped_column(String(36), index=True)
@@ -214,6 +224,8 @@ class FeeStatement(Base):
     waiver_fen: Mapped[int] = mapped_column(Integer)
     amount_fen: Mapped[int] = mapped_column(Integer)
     paid_fen: Mapped[int] = mapped_column(Integer, default=0)
+    # Paid back on withdrawal (per day not served); see Refund.
+    refunded_fen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # False: billed in advance on planned sessions; True: settled on days served.
     final: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
@@ -230,6 +242,25 @@ class Payment(Base):
     non_tax_account_ref: Mapped[str] = mapped_column(String(100))
     recorded_by: Mapped[str] = mapped_column(String(64))
     paid_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Refund(Base):
+    """AS-05: money paid back per day not served when a seat ends (withdrawal or
+    the student leaving the school), from the school's non-tax account."""
+
+    __tablename__ = "refunds"
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    enrollment_id: Mapped[str] = mapped_column(ForeignKey("enrollments.id"), index=True)
+    statement_id: Mapped[str] = mapped_column(ForeignKey("fee_statements.id"), index=True)
+    school_id: Mapped[str] = mapped_column(String(36), index=True)
+    course_id: Mapped[str] = mapped_column(String(36))
+    student_id: Mapped[str] = mapped_column(String(36), index=True)
+    month: Mapped[str] = mapped_column(String(7))
+    days: Mapped[int] = mapped_column(Integer)  # sessions paid for and not served
+    amount_fen: Mapped[int] = mapped_column(Integer)
+    non_tax_account_ref: Mapped[str] = mapped_column(String(100))
+    reason: Mapped[str] = mapped_column(String(16))  # withdrawn | left_school
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
 class Rating(Base):

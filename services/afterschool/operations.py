@@ -100,7 +100,8 @@ async def roll_call(
         course = await _teacher_course(session, principal, course_id)
         plan = await session.get(Plan, course.plan_id)
         assert plan is not None
-        if day.isoformat() not in plan.service_days or day.isoweekday() not in course.weekdays:
+        weekday = rules.timetable_weekday(day, plan.make_up_weekdays or {})
+        if day.isoformat() not in plan.service_days or weekday not in course.weekdays:
             raise rule_violation("AS-06", f"{day} 不是该课程的上课日。", date=day.isoformat())
         if day > local_today():
             raise rule_violation("AS-06", "不能为尚未到来的课次点名。", date=day.isoformat())
@@ -276,7 +277,8 @@ def statement_out(st: FeeStatement) -> dict[str, Any]:
         "waiver_fen": st.waiver_fen,
         "amount_fen": st.amount_fen,
         "paid_fen": st.paid_fen,
-        "refund_fen": rules.refund_on_withdrawal(st.paid_fen, st.amount_fen),
+        "refunded_fen": st.refunded_fen,
+        "refund_fen": rules.refund_on_withdrawal(st.paid_fen - st.refunded_fen, st.amount_fen),
         "final": st.final,
     }
 
@@ -323,7 +325,11 @@ async def settle_month(
         for enrollment, course in pairs:
             start = _local(enrollment.held_from)
             stop = _local(enrollment.withdrawn_at)
-            course_days = [d for d in month_days if d.isoweekday() in course.weekdays]
+            course_days = [
+                d
+                for d in month_days
+                if rules.timetable_weekday(d, plan.make_up_weekdays or {}) in course.weekdays
+            ]
             held_days = [
                 d
                 for d in course_days
@@ -396,7 +402,7 @@ async def record_payment(
     statement = await session.get(FeeStatement, statement_id, with_for_update=True)
     ensure(statement is not None and is_school_admin(principal, statement.school_id), "账单")
     assert statement is not None
-    outstanding = statement.amount_fen - statement.paid_fen
+    outstanding = statement.amount_fen - (statement.paid_fen - statement.refunded_fen)
     if data.amount_fen > outstanding:
         raise rule_violation(
             "AS-05",

@@ -60,6 +60,28 @@ def _hm(t: dt.time) -> str:
 # ----------------------------------------------------------------- AS-01 plan
 
 
+def make_up_weekday(calendar: Calendar, day: dt.date, chosen: int | None = None) -> int:
+    """AS-01: the weekday timetable a weekend make-up working day (调休上班日) runs.
+
+    The school's choice when it named one; otherwise the weekday of the nearest
+    weekday holiday (the day the swap pays for), earlier first on a tie; Monday
+    when no such holiday lies within three weeks.
+    """
+    if chosen is not None:
+        return chosen
+    for distance in range(1, 22):
+        for d in (day - dt.timedelta(days=distance), day + dt.timedelta(days=distance)):
+            if d.isoweekday() <= 5 and calendar.holiday_name(d) is not None:
+                return d.isoweekday()
+    return 1
+
+
+def timetable_weekday(day: dt.date, make_up_weekdays: dict[str, int]) -> int:
+    """AS-01/AS-05/AS-06: the weekday whose courses run on ``day`` — its own,
+    or for a make-up working day the weekday the plan assigned it."""
+    return make_up_weekdays.get(day.isoformat(), day.isoweekday())
+
+
 def service_days(
     calendar: Calendar, start: dt.date, end: dt.date, policy: AfterschoolPolicy
 ) -> list[dt.date]:

@@ -43,6 +43,11 @@ class PlanIn(_In):
     delayed_care_student_ids: list[str] = Field(default_factory=list, max_length=2000)
     fee_standard_fen: int = Field(ge=0, description="物价部门核定的收费标准（分）")
     fee_unit: Literal["month", "session"] = "month"
+    make_up_weekdays: dict[dt.date, int] = Field(
+        default_factory=dict,
+        max_length=20,
+        description="调休上班日按哪一天的课表上课（日期 → 1-5）；未指明的按其补的节假日所在星期",
+    )
 
 
 class PlanOut(BaseModel):
@@ -64,6 +69,9 @@ class PlanOut(BaseModel):
     lottery_seed_hash: str | None
     lottery_seed: str | None
     lottery_drawn_at: dt.datetime | None
+    make_up_weekdays: dict[str, int] = Field(
+        default_factory=dict, description="调休上班日（服务日）→ 所按课表的星期"
+    )
 
 
 class WindowIn(_In):

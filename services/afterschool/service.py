@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
+import time
 import uuid
+from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -40,8 +42,12 @@ from services.afterschool.models import (
     CatalogInstitution,
     Course,
     Enrollment,
+    FeeStatement,
     LotteryDraw,
+    Payment,
     Plan,
+    Refund,
+    Waiver,
     roster,
 )
 
@@ -151,6 +157,7 @@ def plan_out(plan: Plan) -> schemas.PlanOut:
         lottery_seed_hash=plan.lottery_seed_hash,
         lottery_seed=plan.lottery_seed if plan.lottery_drawn_at else None,
         lottery_drawn_at=plan.lottery_drawn_at,
+        make_up_weekdays=dict(plan.make_up_weekdays or {}),
     )
 
 
@@ -197,6 +204,23 @@ async def create_plan(
         days = rules.service_days(calendar, term.start, term.end, profile.afterschool)
         if not days:
             _raise(rules.Violation("AS-01", "该学期没有可提供课后服务的日子。"))
+        make_up_days = [
+            d for d in days if d.isoweekday() not in profile.afterschool.service_weekdays
+        ]
+        unknown = sorted(set(data.make_up_weekdays) - set(make_up_days))
+        bad = [w for w in data.make_up_weekdays.values() if not 1 <= w <= 5]
+        if unknown or bad:
+            raise Problem(
+                422,
+                "make_up_weekdays 只能为本学期的调休上班日指定周一至周五的课表。",
+                errors=[
+                    FieldError(field="body.make_up_weekdays", message="不是调休上班日或星期无效")
+                ],
+            )
+        make_up = {
+            d.isoformat(): rules.make_up_weekday(calendar, d, data.make_up_weekdays.get(d))
+            for d in make_up_days
+        }
         if data.delayed_care_student_ids:
             wanted = set(data.delayed_care_student_ids)
             found = set(
@@ -239,6 +263,7 @@ async def create_plan(
             service_days=[d.isoformat() for d in days],
             service_weekdays=list(profile.afterschool.service_weekdays),
             delayed_care_student_ids=sorted(set(data.delayed_care_student_ids)),
+            make_up_weekdays=make_up,
             fee_standard_fen=data.fee_standard_fen,
             fee_unit=data.fee_unit,
         )
@@ -506,6 +531,35 @@ async def open_window(
 
 # ----------------------------------------------------------------- enrollment
 
+#: Courses this process saw full: course id -> monotonic time it was seen.
+#: Only answers "full" to parents who do not want the waitlist; cleared when
+#: this process frees a seat and trusted for SOLD_OUT_TTL seconds at most (a
+#: seat freed through another replica shows within that time).
+_sold_out: dict[str, float] = {}
+#: Bumped whenever this process frees a seat of the course: a decision that
+#: read the course before the bump may not mark it full afterwards.
+_freed: dict[str, int] = {}
+SOLD_OUT_TTL = 1.0
+
+
+def seat_freed(course_id: str) -> None:
+    _freed[course_id] = _freed.get(course_id, 0) + 1
+    _sold_out.pop(course_id, None)
+
+
+def sold_out_generation(course_id: str) -> int:
+    return _freed.get(course_id, 0)
+
+
+def mark_sold_out(course_id: str, generation: int) -> None:
+    if _freed.get(course_id, 0) == generation:
+        _sold_out[course_id] = time.monotonic()
+
+
+def is_sold_out(course_id: str, now: float) -> bool:
+    seen = _sold_out.get(course_id)
+    return seen is not None and now - seen < SOLD_OUT_TTL
+
 
 def enrollment_out(e: Enrollment) -> schemas.EnrollmentOut:
     return schemas.EnrollmentOut(
@@ -569,31 +623,67 @@ async def _lock_own_child(
     return dict(row) if row is not None else None
 
 
-async def seats_left(
-    db: Database, principal: Principal, course_id: str, student_id: str
-) -> int | None:
-    """A read-only look at a course's free seats for the caller's own child at
-    its school (None when the caller may not see it): lets a parent who does
-    not want the waitlist be told "full" without a write (AS-04)."""
-    if not principal.has_role("parent") or not principal.person_id:
-        return None
-    s, g = roster.students, roster.guardianships
-    async with db.read() as session:
-        row = (
-            await session.execute(
-                select(Course.capacity - Course.seats_taken, Course.status)
-                .join(s, s.c.school_id == Course.school_id)
-                .join(g, g.c.student_id == s.c.id)
-                .where(
-                    Course.id == course_id,
-                    s.c.id == student_id,
-                    g.c.guardian_id == principal.person_id,
-                )
+def check_attempt(
+    school_id: str, course: Any, data: schemas.EnrollIn, mine: Sequence[Any], now: dt.datetime
+) -> None:
+    """AS-04/AS-03: why an enrollment attempt is refused before any seat is
+    looked at (the same checks, in the same order, for one attempt and for a
+    batch). ``course`` carries the course's and its plan's window columns;
+    ``mine`` the student's live enrollments (with their courses' slots)."""
+    if course is None or course.school_id != school_id:
+        raise Problem(404, "课程不存在。")
+    if not data.consent:
+        raise rule_violation("AS-04", "参加课后服务须由监护人明确表示自愿同意（不得“被自愿”）。")
+    state = rules.window_state(now, course.window_opens_at, course.window_closes_at)
+    if state != "open":
+        detail = {
+            "unset": "学校尚未开放报名。",
+            "before": "报名尚未开始。",
+            "closed": "报名已截止。",
+        }[state]
+        raise rule_violation("AS-04", detail, status=409, window=state)
+    if course.status != "active":
+        raise rule_violation("AS-03", "该课程的提供机构已移出目录，课程已暂停报名。", status=409)
+    for other in mine:
+        if other.course_id == data.course_id:
+            raise rule_violation(
+                "AS-04",
+                "该学生已报名此课程。",
+                status=409,
+                enrollment_id=other.id,
+                enrollment_status=other.status,
             )
-        ).first()
-    if row is None or row[1] != "active":
-        return None
-    return int(row[0])
+    for other in mine:
+        if rules.slots_clash(
+            (other.weekdays, other.start, other.end), (course.weekdays, course.start, course.end)
+        ):
+            raise rule_violation(
+                "AS-04",
+                f"与已报名的课程“{other.name}”时间冲突：同一时段只能选一门课程。",
+                status=409,
+                clashes_with=other.course_id,
+            )
+
+
+def full() -> Problem:
+    return rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+
+
+#: The course columns (with its plan's window) an enrollment decision reads.
+COURSE_FOR_ENROLLMENT = (
+    Course.school_id,
+    Course.plan_id,
+    Course.status,
+    Course.weekdays,
+    Course.start,
+    Course.end,
+    Course.capacity,
+    Course.seats_taken,
+    Course.waitlist_seq,
+    Plan.window_mode,
+    Plan.window_opens_at,
+    Plan.window_closes_at,
+)
 
 
 async def enroll(
@@ -630,20 +720,6 @@ async def enroll(
             .where(Course.id == data.course_id)
         )
     ).first()
-    if course is None or course.school_id != student["school_id"]:
-        raise Problem(404, "课程不存在。")
-    if not data.consent:
-        raise rule_violation("AS-04", "参加课后服务须由监护人明确表示自愿同意（不得“被自愿”）。")
-    state = rules.window_state(utcnow(), course.window_opens_at, course.window_closes_at)
-    if state != "open":
-        detail = {
-            "unset": "学校尚未开放报名。",
-            "before": "报名尚未开始。",
-            "closed": "报名已截止。",
-        }[state]
-        raise rule_violation("AS-04", detail, status=409, window=state)
-    if course.status != "active":
-        raise rule_violation("AS-03", "该课程的提供机构已移出目录，课程已暂停报名。", status=409)
     mine = (
         await session.execute(
             select(
@@ -662,25 +738,7 @@ async def enroll(
             )
         )
     ).all()
-    for other in mine:
-        if other.course_id == data.course_id:
-            raise rule_violation(
-                "AS-04",
-                "该学生已报名此课程。",
-                status=409,
-                enrollment_id=other.id,
-                enrollment_status=other.status,
-            )
-    for other in mine:
-        if rules.slots_clash(
-            (other.weekdays, other.start, other.end), (course.weekdays, course.start, course.end)
-        ):
-            raise rule_violation(
-                "AS-04",
-                f"与已报名的课程“{other.name}”时间冲突：同一时段只能选一门课程。",
-                status=409,
-                clashes_with=other.course_id,
-            )
+    check_attempt(student["school_id"], course, data, mine, utcnow())
     now = utcnow()
     position: int | None = None
     held_from: dt.datetime | None = None
@@ -700,7 +758,7 @@ async def enroll(
         if taken.rowcount == 1:  # type: ignore[attr-defined]
             status, held_from = "held", now
         elif not join_waitlist:
-            raise rule_violation("AS-04", "该课程已报满。", status=409, full=True)
+            raise full()
         else:
             position = int(
                 (
@@ -780,6 +838,130 @@ async def _promote(session: AsyncSession, course: Course) -> Enrollment | None:
     return None
 
 
+async def end_seat(
+    session: AsyncSession, enrollment_id: str, *, reason: str = "withdrawn"
+) -> tuple[Enrollment, str] | None:
+    """AS-04/AS-05: end a live enrollment (the caller holds the student's row
+    lock): a held seat goes to the waitlist's head or back to the course, fees
+    paid for days not served are refunded per day with a record. None when the
+    enrollment was no longer live (so a replay changes nothing)."""
+    enrollment = await session.get(Enrollment, enrollment_id, populate_existing=True)
+    assert enrollment is not None
+    previous = enrollment.status
+    if previous not in ACTIVE_STATUSES:
+        return None
+    now = utcnow()
+    if previous == "held":
+        course = (
+            await session.execute(
+                select(Course).where(Course.id == enrollment.course_id).with_for_update()
+            )
+        ).scalar_one()
+    done = await session.execute(
+        update(Enrollment)
+        .where(Enrollment.id == enrollment.id, Enrollment.status == previous)
+        .values(status="withdrawn", withdrawn_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        raise conflict("报名状态已变化，请刷新后重试。")
+    if previous == "held":
+        # No one is moved into a course whose provider left the catalog (AS-03).
+        promoted = await _promote(session, course) if course.status == "active" else None
+        if promoted is None:
+            await session.execute(
+                update(Course)
+                .where(Course.id == course.id)
+                .values(seats_taken=Course.seats_taken - 1)
+                .execution_options(synchronize_session=False)
+            )
+            seat_freed(course.id)
+    enrollment = await session.get(Enrollment, enrollment_id, populate_existing=True)
+    assert enrollment is not None
+    if enrollment.held_from is not None:
+        await _refund_unserved(session, enrollment, reason)
+    await emit(session, _changed(enrollment, previous))
+    return enrollment, previous
+
+
+async def _refund_unserved(session: AsyncSession, enrollment: Enrollment, reason: str) -> None:
+    """AS-05 per-day refund: each not yet final statement of the enrollment is
+    re-billed on the days held before the seat ended; what was paid beyond
+    that goes back, recorded with the non-tax account it was paid into."""
+    statements = list(
+        (
+            await session.execute(
+                select(FeeStatement)
+                .where(FeeStatement.enrollment_id == enrollment.id, FeeStatement.final.is_(False))
+                .order_by(FeeStatement.month)
+                .with_for_update()
+            )
+        ).scalars()
+    )
+    if not statements:
+        return
+    plan = await session.get(Plan, enrollment.plan_id)
+    course = await session.get(Course, enrollment.course_id)
+    assert plan is not None and course is not None
+    waiver = await session.get(Waiver, (enrollment.school_id, enrollment.student_id))
+    start = enrollment.held_from.astimezone(BEIJING).date() if enrollment.held_from else None
+    stop = enrollment.withdrawn_at.astimezone(BEIJING).date() if enrollment.withdrawn_at else None
+    make_up = plan.make_up_weekdays or {}
+    for st in statements:
+        course_days = [
+            d
+            for d in (dt.date.fromisoformat(x) for x in plan.service_days if x[:7] == st.month)
+            if rules.timetable_weekday(d, make_up) in course.weekdays
+        ]
+        held_days = [
+            d
+            for d in course_days
+            if start is not None and start <= d and (stop is None or d < stop)
+        ]
+        line = rules.settle_fee(
+            course.fee_fen,
+            course.fee_unit,
+            len(course_days),
+            len(held_days),
+            waiver.share_percent if waiver else 0,
+        )
+        unserved = max(0, st.served_sessions - len(held_days))
+        st.served_sessions = len(held_days)
+        st.gross_fen, st.waiver_fen, st.amount_fen = (
+            line.gross_fen,
+            line.waiver_fen,
+            line.amount_fen,
+        )
+        amount = rules.refund_on_withdrawal(st.paid_fen - st.refunded_fen, st.amount_fen)
+        if amount <= 0:
+            continue
+        account = (
+            await session.execute(
+                select(Payment.non_tax_account_ref)
+                .where(Payment.statement_id == st.id)
+                .order_by(Payment.paid_at.desc())
+                .limit(1)
+            )
+        ).scalar_one()
+        st.refunded_fen += amount
+        session.add(
+            Refund(
+                id=new_id(),
+                enrollment_id=enrollment.id,
+                statement_id=st.id,
+                school_id=st.school_id,
+                course_id=st.course_id,
+                student_id=st.student_id,
+                month=st.month,
+                days=unserved,
+                amount_fen=amount,
+                non_tax_account_ref=account,
+                reason=reason,
+                created_at=utcnow(),
+            )
+        )
+
+
 async def withdraw(db: Database, principal: Principal, enrollment_id: str) -> schemas.EnrollmentOut:
     """AS-04: a guardian withdraws; a held seat goes to the waitlist's head or back."""
     async with db.transaction() as session:
@@ -790,40 +972,150 @@ async def withdraw(db: Database, principal: Principal, enrollment_id: str) -> sc
         )
         assert found is not None
         await _lock_student(session, found.student_id)
-        enrollment = await session.get(Enrollment, enrollment_id, populate_existing=True)
-        assert enrollment is not None
-        previous = enrollment.status
-        if previous not in ACTIVE_STATUSES:
+        ended = await end_seat(session, enrollment_id)
+        if ended is None:
             raise conflict("该报名已退出。")
-        now = utcnow()
-        if previous == "held":
-            course = (
-                await session.execute(
-                    select(Course).where(Course.id == enrollment.course_id).with_for_update()
+        out = enrollment_out(ended[0])
+    seat_freed(out.course_id)  # again after commit: no stale "full" here
+    return out
+
+
+async def student_left(session: AsyncSession, student_id: str, school_id: str, active: bool) -> int:
+    """AS-04: a student who leaves the school (roster: inactive, or now at
+    another school) gives up every live enrollment at the old school — seats
+    freed to the waitlist, fees refunded per day — in the roster event's own
+    transaction. Idempotent: a redelivery finds nothing live. Returns how
+    many enrollments ended."""
+    if active:
+        condition = Enrollment.school_id != school_id
+    else:
+        condition = Enrollment.school_id.is_not(None)
+    await _lock_student(session, student_id)
+    ids = list(
+        (
+            await session.execute(
+                select(Enrollment.id)
+                .where(
+                    Enrollment.student_id == student_id,
+                    Enrollment.status.in_(ACTIVE_STATUSES),
+                    condition,
                 )
-            ).scalar_one()
-        done = await session.execute(
-            update(Enrollment)
-            .where(Enrollment.id == enrollment.id, Enrollment.status == previous)
-            .values(status="withdrawn", withdrawn_at=now)
-            .execution_options(synchronize_session=False)
+                .order_by(Enrollment.course_id)
+            )
+        ).scalars()
+    )
+    ended = 0
+    for enrollment_id in ids:
+        if await end_seat(session, enrollment_id, reason="left_school") is not None:
+            ended += 1
+    return ended
+
+
+def refund_out(r: Refund) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "enrollment_id": r.enrollment_id,
+        "statement_id": r.statement_id,
+        "course_id": r.course_id,
+        "student_id": r.student_id,
+        "month": r.month,
+        "days": r.days,
+        "amount_fen": r.amount_fen,
+        "non_tax_account_ref": r.non_tax_account_ref,
+        "reason": r.reason,
+        "created_at": r.created_at,
+    }
+
+
+async def student_refunds(
+    db: Database, principal: Principal, student_id: str
+) -> list[dict[str, Any]]:
+    """AS-05: a child's refunds, for their guardians and the school admin."""
+    async with db.read() as session:
+        student = (
+            (
+                await session.execute(
+                    select(roster.students).where(roster.students.c.id == student_id)
+                )
+            )
+            .mappings()
+            .first()
         )
-        if done.rowcount != 1:  # type: ignore[attr-defined]
-            raise conflict("报名状态已变化，请刷新后重试。")
-        if previous == "held":
-            # No one is moved into a course whose provider left the catalog (AS-03).
-            promoted = await _promote(session, course) if course.status == "active" else None
-            if promoted is None:
-                await session.execute(
-                    update(Course)
-                    .where(Course.id == course.id)
-                    .values(seats_taken=Course.seats_taken - 1)
-                    .execution_options(synchronize_session=False)
-                )
-        enrollment = await session.get(Enrollment, enrollment_id, populate_existing=True)
-        assert enrollment is not None
-        await emit(session, _changed(enrollment, previous))
-        return enrollment_out(enrollment)
+        ensure(
+            student is not None
+            and (
+                await is_guardian(session, principal, student_id)
+                or is_school_admin(principal, student["school_id"])
+            ),
+            "学生",
+        )
+        rows = (
+            await session.execute(
+                select(Refund).where(Refund.student_id == student_id).order_by(Refund.created_at)
+            )
+        ).scalars()
+        return [refund_out(r) for r in rows]
+
+
+async def school_refunds(
+    db: Database, principal: Principal, school_id: str
+) -> list[dict[str, Any]]:
+    """AS-05: the school's refund ledger (its non-tax account's outgoings)."""
+    ensure(is_school_admin(principal, school_id), "学校")
+    async with db.read() as session:
+        rows = (
+            await session.execute(
+                select(Refund).where(Refund.school_id == school_id).order_by(Refund.created_at)
+            )
+        ).scalars()
+        return [refund_out(r) for r in rows]
+
+
+async def reapprove_course(
+    db: Database, policies: PolicyRegistry, principal: Principal, course_id: str
+) -> schemas.CourseOut:
+    """AS-03: a course flagged when its institution left the catalog stays
+    flagged after the institution is reinstated, until the school re-approves
+    it here — and only while the institution is back in the catalog and the
+    external share still holds. Seats freed while it was flagged go to its
+    waitlist, in order."""
+    async with db.transaction() as session:
+        course = (
+            await session.execute(select(Course).where(Course.id == course_id).with_for_update())
+        ).scalar_one_or_none()
+        ensure(course is not None and is_school_admin(principal, course.school_id), "课程")
+        assert course is not None
+        if course.status != "flagged":
+            raise conflict("该课程未被暂停，无需重新批准。")
+        plan = await _admin_plan(session, principal, course.plan_id, lock=True)
+        entry = (
+            await catalog_entry(session, course.institution_id) if course.institution_id else None
+        )
+        if entry is not None and entry["region_id"] != plan.region_id:
+            entry = None
+        _raise(rules.check_institution_provider(entry), status=409)
+        profile = profile_for(policies, plan.region_id)
+        counts = (
+            await session.execute(
+                select(
+                    func.count(),
+                    func.count().filter(Course.provider_type == "institution"),
+                ).where(Course.plan_id == plan.id, Course.status == "active")
+            )
+        ).one()
+        _raise(
+            rules.check_external_share(profile.afterschool, int(counts[1]) + 1, int(counts[0]) + 1),
+            status=409,
+        )
+        course.status = "active"
+        course.flag_reason = None
+        # Seats freed while flagged went to nobody: the waitlist's head gets
+        # them now, in order (AS-04).
+        while course.seats_taken < course.capacity:
+            if await _promote(session, course) is None:
+                break
+            course.seats_taken += 1
+        return course_out(course)
 
 
 async def draw_lottery(db: Database, principal: Principal, plan_id: str) -> dict[str, Any]:

@@ -1,0 +1,557 @@
+"""AS-04 the rush: enrollment attempts decided together (group commit).
+
+Every enrollment attempt joins this process's queue; one worker takes
+everything waiting (up to MAX_BATCH, any courses) and decides it in ONE
+transaction: the Idempotency-Keys looked up once, the children's roster rows
+locked (in id order), then the courses' rows (in id order), each attempt
+checked in arrival order exactly as ``service.enroll`` would (same refusals,
+same bodies), then one seat-counter UPDATE per course, one INSERT of the
+enrollments, one of the outbox events and one of the remembered answers
+(refusals included), one commit — and each attempt is answered. While a batch
+commits, the next one gathers.
+
+The database stays the authority: ``0 <= seats_taken <= capacity`` is a CHECK
+constraint, live enrollments are unique per (course, student), the counter
+UPDATE is conditional, and remembered keys are inserted with ON CONFLICT DO
+NOTHING RETURNING — a key another replica answered meanwhile rolls the whole
+batch back. A batch that fails for any reason writes nothing (one
+transaction); its attempts are then decided one at a time by the classic path
+(``idempotency.begin`` + ``service.enroll``), so several replicas, retries and
+crashes stay correct.
+
+Sold out: once this process has seen a first-come course full, parents who
+do not want the waitlist are answered together from one read (the keys'
+stored answers, their own children, the course's window) instead of a write
+transaction: "full", written nowhere, or the key's stored answer. The mark is
+dropped when this process frees a seat (after its commit) and trusted for
+``service.SOLD_OUT_TTL`` seconds at most, so a seat freed through another
+replica shows within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import Response
+from sqlalchemy import select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from chassis import idempotency
+from chassis.auth import Principal
+from chassis.db import Database, utcnow
+from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from chassis.messaging import emit_many, idempotency_table
+from contracts import afterschool as ev
+from services.afterschool import rules, schemas, service
+from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
+
+MAX_BATCH = 500
+
+
+@dataclass
+class Attempt:
+    principal: Principal
+    data: schemas.EnrollIn
+    join_waitlist: bool
+    claim: idempotency.IdempotentRequest
+    future: asyncio.Future[Response] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass
+class _Mine:
+    """A live enrollment as ``service.check_attempt`` reads it."""
+
+    id: str
+    course_id: str
+    status: str
+    name: str
+    weekdays: list[int]
+    start: Any
+    end: Any
+
+
+class _SinglePath(Exception):
+    """Marks an attempt the batch leaves to the one-at-a-time path."""
+
+
+SINGLE_PATH = _SinglePath()
+
+
+class BatchLost(Exception):
+    """A key of the batch was answered elsewhere meanwhile: undo the batch."""
+
+
+def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
+    body = json.dumps(problem_body(None, problem), ensure_ascii=False).encode()
+    return problem.status, body, PROBLEM_MEDIA_TYPE
+
+
+class Enroller:
+    """The enrollment queue of one process (kept in the service context)."""
+
+    def __init__(self, db: Database, gate: asyncio.Semaphore) -> None:
+        self.db = db
+        self.gate = gate
+        self.queue: list[Attempt] = []
+        self.worker: asyncio.Task[None] | None = None
+        self.sold_queue: list[Attempt] = []
+        self.sold_worker: asyncio.Task[None] | None = None
+        self.batches = 0
+
+    async def submit(self, attempt: Attempt) -> Response:
+        self._enqueue(attempt)
+        return await asyncio.shield(attempt.future)
+
+    def _enqueue(self, attempt: Attempt) -> None:
+        self.queue.append(attempt)
+        if self.worker is None:
+            self.worker = asyncio.create_task(self._work())
+
+    async def ask_sold_out(self, attempt: Attempt) -> Response:
+        """A no-waitlist attempt for a course known full: answered with the
+        other such attempts waiting from one read, or else by the write batch."""
+        self.sold_queue.append(attempt)
+        if self.sold_worker is None:
+            self.sold_worker = asyncio.create_task(self._sold_work())
+        return await asyncio.shield(attempt.future)
+
+    async def _sold_work(self) -> None:
+        try:
+            while self.sold_queue:
+                batch = self.sold_queue[:MAX_BATCH]
+                del self.sold_queue[:MAX_BATCH]
+                try:
+                    async with self.gate:
+                        answers = await sold_out_answers(self.db, batch)
+                except Exception:
+                    answers = [None] * len(batch)
+                for attempt, answer in zip(batch, answers, strict=True):
+                    if attempt.future.done():
+                        continue
+                    if answer is None:
+                        self._enqueue(attempt)
+                    elif isinstance(answer, BaseException):
+                        attempt.future.set_exception(answer)
+                    else:
+                        attempt.future.set_result(answer)
+        finally:
+            self.sold_worker = None
+
+    async def _work(self) -> None:
+        try:
+            while self.queue:
+                batch = self.queue[:MAX_BATCH]
+                del self.queue[:MAX_BATCH]
+                await self._run(batch)
+        finally:
+            self.worker = None
+
+    async def _run(self, batch: list[Attempt]) -> None:
+        generations = {
+            a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch
+        }
+        try:
+            async with self.gate:
+                answers, now_full = await decide(self.db, batch)
+            self.batches += 1
+        except Exception:
+            # Nothing of the batch was written: decide one at a time instead.
+            for attempt in batch:
+                await self._one(attempt)
+            return
+        for course_id in now_full:
+            service.mark_sold_out(course_id, generations[course_id])
+        for attempt, answer in zip(batch, answers, strict=True):
+            if attempt.future.done():
+                continue
+            if answer is SINGLE_PATH:
+                await self._one(attempt)
+            elif isinstance(answer, BaseException):
+                attempt.future.set_exception(answer)
+            else:
+                attempt.future.set_result(answer)
+
+    async def _one(self, attempt: Attempt) -> None:
+        async def work(session: AsyncSession) -> Any:
+            return await service.enroll(
+                session, attempt.principal, attempt.data, join_waitlist=attempt.join_waitlist
+            )
+
+        try:
+            async with self.gate:
+                claim = await idempotency.claim_key(self.db, attempt.claim)
+                if isinstance(claim, Response):
+                    answer = claim
+                else:
+                    answer = await idempotency.run(self.db, claim, work, status_code=201)
+        except BaseException as exc:  # answered to the waiting request
+            if not attempt.future.done():
+                attempt.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        if not attempt.future.done():
+            attempt.future.set_result(answer)
+
+
+async def sold_out_answers(
+    db: Database, batch: Sequence[Attempt]
+) -> list[Response | BaseException | None]:
+    """Answers for parents who do not want the waitlist, asking for courses
+    this process knows are full, from one read for the whole batch: the key's
+    stored answer if it has one (a retry is never told something else); "full"
+    (written nowhere) when the caller's own active child is at the course's
+    school, the window is open and consent given; else None — the write batch
+    decides (and answers a stranger 404 exactly as for a missing course)."""
+    s, g, k = roster.students, roster.guardianships, idempotency_table
+    keys = list({(a.claim.client, a.claim.key) for a in batch})
+    student_ids = list({a.data.student_id for a in batch})
+    course_ids = list({a.data.course_id for a in batch})
+    async with db.read() as session:
+        stored_rows = {
+            (row["client"], row["key"]): row
+            for row in (
+                await session.execute(select(k).where(tuple_(k.c.client, k.c.key).in_(keys)))
+            ).mappings()
+        }
+        students: dict[str, Any] = {}
+        guardians: dict[str, set[str]] = {}
+        for row in await session.execute(
+            select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
+            .join(g, g.c.student_id == s.c.id)
+            .where(s.c.id.in_(student_ids))
+        ):
+            students[row.id] = row
+            guardians.setdefault(row.id, set()).add(row.guardian_id)
+        courses = {
+            row.id: row
+            for row in await session.execute(
+                select(
+                    Course.id,
+                    Course.school_id,
+                    Course.status,
+                    Plan.window_opens_at,
+                    Plan.window_closes_at,
+                )
+                .join(Plan, Plan.id == Course.plan_id)
+                .where(Course.id.in_(course_ids))
+            )
+        }
+    now = utcnow()
+    answers: list[Response | BaseException | None] = []
+    for a in batch:
+        row = stored_rows.get((a.claim.client, a.claim.key))
+        if row is not None:
+            try:
+                answers.append(idempotency.stored_answer(row, a.claim))
+            except Problem as problem:
+                answers.append(problem)
+            continue
+        student = students.get(a.data.student_id)
+        course = courses.get(a.data.course_id)
+        if (
+            a.data.consent
+            and a.principal.has_role("parent")
+            and a.principal.person_id in guardians.get(a.data.student_id, ())
+            and student is not None
+            and student.active
+            and course is not None
+            and course.school_id == student.school_id
+            and course.status == "active"
+            and rules.window_state(now, course.window_opens_at, course.window_closes_at) == "open"
+        ):
+            answers.append(service.full())
+        else:
+            answers.append(None)
+    return answers
+
+
+@dataclass
+class _Seats:
+    """A course's seats as the batch hands them out."""
+
+    free: int
+    seq: int
+    taken: int = 0
+    queued: int = 0
+
+
+async def decide(
+    db: Database, batch: Sequence[Attempt]
+) -> tuple[list[Response | BaseException], set[str]]:
+    """Decide a batch of attempts (any courses) in one transaction; returns
+    each attempt's answer and the first-come courses full afterwards."""
+    answers: list[Response | BaseException | None] = [None] * len(batch)
+    keyed: dict[tuple[str, str], int] = {}  # (client, key) -> first attempt index
+    fresh: list[int] = []
+    for i, a in enumerate(batch):
+        k = (a.claim.client, a.claim.key)
+        if k in keyed:
+            continue  # a repeat inside the batch: answered like the first, below
+        keyed[k] = i
+    s, g = roster.students, roster.guardianships
+    now = utcnow()
+    async with db.transaction() as session:
+        # 1. Keys this batch does not own: replays and refusals, written nowhere.
+        existing = {
+            (row["client"], row["key"]): row
+            for row in (
+                await session.execute(
+                    select(idempotency_table).where(
+                        tuple_(idempotency_table.c.client, idempotency_table.c.key).in_(list(keyed))
+                    )
+                )
+            ).mappings()
+        }
+        for k, i in keyed.items():
+            row = existing.get(k)
+            if row is None:
+                fresh.append(i)
+                continue
+            claim = batch[i].claim
+            if (
+                row["status"] != "done"
+                and row["fingerprint"] == claim.fingerprint
+                and row["created_at"] <= claim.claimed_at - idempotency.CLAIM_LEASE
+            ):
+                # A claim left by a request that died: the single path takes it over.
+                answers[i] = SINGLE_PATH
+                continue
+            try:
+                answers[i] = idempotency.stored_answer(row, claim)
+            except Problem as problem:
+                answers[i] = problem
+        # 2. The children, locked in id order (then the course: the order
+        #    every enrollment transaction takes its locks in).
+        student_ids = sorted({batch[i].data.student_id for i in fresh})
+        students: dict[str, dict[str, Any]] = {}
+        guardians: dict[str, set[str]] = {}
+        if student_ids:
+            for row in (
+                await session.execute(
+                    select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
+                    .join(g, g.c.student_id == s.c.id)
+                    .where(s.c.id.in_(student_ids))
+                    .order_by(s.c.id)
+                    .with_for_update(of=s)
+                )
+            ).mappings():
+                students[row["id"]] = dict(row)
+                guardians.setdefault(row["id"], set()).add(row["guardian_id"])
+        course_ids = sorted({batch[i].data.course_id for i in fresh})
+        courses = {
+            row.id: row
+            for row in (
+                await session.execute(
+                    select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
+                    .join(Plan, Plan.id == Course.plan_id)
+                    .where(Course.id.in_(course_ids))
+                    .order_by(Course.id)
+                    .with_for_update(of=Course)
+                )
+            )
+            if course_ids
+        }
+        seats = {
+            cid: _Seats(max(0, c.capacity - c.seats_taken), c.waitlist_seq)
+            for cid, c in courses.items()
+        }
+        mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
+        if student_ids:
+            for row in await session.execute(
+                select(
+                    Enrollment.id,
+                    Enrollment.course_id,
+                    Enrollment.student_id,
+                    Enrollment.status,
+                    Course.name,
+                    Course.weekdays,
+                    Course.start,
+                    Course.end,
+                )
+                .join(Course, Course.id == Enrollment.course_id)
+                .where(
+                    Enrollment.student_id.in_(student_ids),
+                    Enrollment.status.in_(ACTIVE_STATUSES),
+                )
+            ):
+                mine[row.student_id].append(row)
+        # 3. Each attempt in arrival order, as service.enroll decides it.
+        rows: list[dict[str, Any]] = []
+        events: list[ev.EnrollmentChanged] = []
+        remembered: list[dict[str, Any]] = []
+        for i in fresh:
+            a = batch[i]
+            data = a.data
+            course_id = data.course_id
+            course = courses.get(course_id)
+            try:
+                student = students.get(data.student_id)
+                if (
+                    student is None
+                    or not student["active"]
+                    or not a.principal.has_role("parent")
+                    or a.principal.person_id not in guardians.get(data.student_id, ())
+                ):
+                    raise Problem(404, "学生不存在。")
+                service.check_attempt(
+                    student["school_id"], course, data, mine[data.student_id], now
+                )
+                assert course is not None
+                left = seats[course_id]
+                position: int | None = None
+                held_from = None
+                if course.window_mode == "lottery":
+                    status = "applied"
+                elif left.taken < left.free:
+                    status, held_from = "held", now
+                    left.taken += 1
+                elif not a.join_waitlist:
+                    raise service.full()
+                else:
+                    left.queued += 1
+                    status, position = "waitlisted", left.seq + left.queued
+                enrollment_id = service.new_id()
+                rows.append(
+                    {
+                        "id": enrollment_id,
+                        "course_id": course_id,
+                        "plan_id": course.plan_id,
+                        "school_id": course.school_id,
+                        "student_id": data.student_id,
+                        "guardian_id": a.principal.person_id or "",
+                        "status": status,
+                        "waitlist_position": position,
+                        "consent_at": now,
+                        "consent_statement": data.consent_statement,
+                        "created_at": now,
+                        "held_from": held_from,
+                        "withdrawn_at": None,
+                    }
+                )
+                events.append(
+                    ev.EnrollmentChanged(
+                        id=enrollment_id,
+                        course_id=course_id,
+                        school_id=course.school_id,
+                        student_id=data.student_id,
+                        status=status,  # type: ignore[arg-type]
+                        waitlist_position=position,
+                        occurred_at=now,
+                    )
+                )
+                mine[data.student_id].append(
+                    _Mine(
+                        enrollment_id,
+                        course_id,
+                        status,
+                        course.name,
+                        course.weekdays,
+                        course.start,
+                        course.end,
+                    )
+                )
+                out = schemas.EnrollmentOut(
+                    id=enrollment_id,
+                    course_id=course_id,
+                    student_id=data.student_id,
+                    status=status,
+                    waitlist_position=position,
+                    consent_at=now,
+                    created_at=now,
+                )
+                code, body, media = 201, out.model_dump_json().encode(), "application/json"
+            except Problem as problem:
+                code, body, media = _problem_response(problem)
+            answers[i] = Response(body, status_code=code, media_type=media)
+            remembered.append(
+                {
+                    "client": a.claim.client,
+                    "key": a.claim.key,
+                    "fingerprint": a.claim.fingerprint,
+                    "status": "done",
+                    "response_status": code,
+                    "response_body": body,
+                    "content_type": media,
+                    "created_at": a.claim.claimed_at,
+                    "completed_at": now,
+                }
+            )
+        # 4. One write of each kind.
+        for course_id, left in seats.items():
+            if not (left.taken or left.queued):
+                continue
+            done = await session.execute(
+                update(Course)
+                .where(Course.id == course_id, Course.seats_taken + left.taken <= Course.capacity)
+                .values(
+                    seats_taken=Course.seats_taken + left.taken,
+                    waitlist_seq=Course.waitlist_seq + left.queued,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise BatchLost
+        if rows:
+            await session.execute(Enrollment.__table__.insert(), rows)
+            await emit_many(session, events)
+        if remembered:
+            insert = sqlite_insert if db.is_sqlite else pg_insert
+            inserted = (
+                await session.execute(
+                    insert(idempotency_table)
+                    .on_conflict_do_nothing()
+                    .returning(idempotency_table.c.key),
+                    remembered,
+                )
+            ).all()
+            if len(inserted) != len(remembered):
+                raise BatchLost  # another request took one of these keys meanwhile
+    # Repeats of a key inside the batch get the first answer, as replays.
+    for i, a in enumerate(batch):
+        if answers[i] is not None:
+            continue
+        first = keyed[(a.claim.client, a.claim.key)]
+        answer = answers[first]
+        if first in fresh and a.claim.fingerprint == batch[first].claim.fingerprint:
+            assert isinstance(answer, Response)
+            answers[i] = Response(
+                answer.body,
+                status_code=answer.status_code,
+                media_type=answer.media_type,
+                headers={"Idempotent-Replayed": "true"},
+            )
+        elif first in fresh:
+            answers[i] = Problem(
+                422,
+                f"该 {idempotency.HEADER} 已用于另一个不同的请求。",
+                slug="idempotency/mismatch",
+            )
+        elif isinstance(answer, Response):
+            answers[i] = Response(
+                answer.body,
+                status_code=answer.status_code,
+                media_type=answer.media_type,
+                headers={"Idempotent-Replayed": "true"},
+            )
+        else:
+            answers[i] = answer
+    now_full = {
+        cid
+        for cid, left in seats.items()
+        if courses[cid].window_mode != "lottery" and left.taken >= left.free
+    }
+    return [a for a in answers if a is not None], now_full
+
+
+def sold_out_now(course_id: str) -> bool:
+    return service.is_sold_out(course_id, time.monotonic())
