@@ -1,6 +1,6 @@
 """The gateway: one door, `/api/v1/<service>/...`, to every service (GW-01..GW-05).
 
-A pure ASGI proxy on one pooled aiohttp session (see proxy.py) behind a
+A pure ASGI proxy on keep-alive pools per upstream (see proxy.py) behind a
 pure ASGI edge middleware: request ids, token check, rate limits, metrics
 and access logs. Beside it: the merged OpenAPI document and its docs pages,
 the AsyncAPI document of the integration events, aggregated readiness, and
@@ -43,6 +43,7 @@ from gateway.edge import CachedVerifier, PublicRoutes, in_networks, parse_networ
 from gateway.proxy import EdgeMiddleware, Proxy, Runtime
 from gateway.ratelimit import BucketStore, MemoryBuckets, RateLimiter, RedisBuckets
 from gateway.telemetry import AccessLog, GatewayMetrics
+from gateway.upstream import UpstreamPool
 from gateway.webhooks.api import WebhookContext, create_api
 from gateway.webhooks.dispatcher import Dispatcher
 from gateway.webhooks.intake import Intake
@@ -102,13 +103,16 @@ def create_app(
         plat = platform or platform_settings()
         rt.extras["platform"] = plat
         configure_logging(plat.log_level, plat.log_json)
+        rt.access_log.configure(json_lines=plat.log_json, level=plat.log_level)
         async with AsyncExitStack() as stack:
-            rt.timeouts = {
-                name: aiohttp.ClientTimeout(
-                    total=settings.timeout_for(name), connect=settings.connect_timeout_seconds
-                )
-                for name in upstreams
+            stack.push_async_callback(rt.access_log.close)
+            rt.timeouts = {name: settings.timeout_for(name) for name in upstreams}
+            rt.pools = {
+                name: UpstreamPool(base, connect_timeout=settings.connect_timeout_seconds)
+                for name, base in upstreams.items()
             }
+            for pool in rt.pools.values():
+                stack.push_async_callback(pool.close)
             connector = aiohttp.TCPConnector(
                 limit=1024, limit_per_host=512, ttl_dns_cache=300, keepalive_timeout=4.0
             )

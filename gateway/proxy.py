@@ -5,10 +5,12 @@
 missing or invalid token unless the route is public, rate limits); at the
 end one metrics observation and one access-log line.
 
-`Proxy` forwards to `<upstream>/<rest>` on one pooled aiohttp session: the
-raw path and query string go as received (repeated keys, percent-encoding),
-headers go in order and repeated, minus hop-by-hop ones; the Authorization
-header passes unchanged because services verify tokens themselves.
+`Proxy` forwards to `<upstream>/<rest>` on a keep-alive pool per upstream
+(gateway/upstream.py, chosen over aiohttp's client by measurement): the raw
+path and query string go as received (repeated keys, percent-encoding),
+headers go in order and repeated, as bytes, minus hop-by-hop ones; the
+Authorization header passes unchanged because services verify tokens
+themselves.
 """
 
 from __future__ import annotations
@@ -23,9 +25,7 @@ from typing import Any
 
 import aiohttp
 import structlog
-from multidict import CIMultiDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from yarl import URL
 
 from chassis.auth import Principal
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
@@ -34,6 +34,7 @@ from gateway.config import GATEWAY_SERVICE, GatewaySettings
 from gateway.edge import CachedVerifier, IPNetwork, PublicRoutes, client_address, in_networks
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.telemetry import AccessLog, GatewayMetrics
+from gateway.upstream import UpstreamError, UpstreamPool
 
 log = structlog.get_logger("gateway")
 
@@ -45,7 +46,7 @@ SERVICE_NAMES_ZH = {
     "funds": "资金监管服务",
     "gateway": "网关",
 }
-# RFC 9110 §7.6.1 connection-specific headers, and what aiohttp sets itself.
+# RFC 9110 §7.6.1 connection-specific headers, and what the client sets itself.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -69,7 +70,7 @@ REQUEST_SKIP = HOP_BY_HOP | {
 FORWARDED_OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix"})
 # uvicorn writes its own date and server headers; ours carries the request id.
 RESPONSE_SKIP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
-IDEMPOTENT_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_TIMEOUT = 15.0
 BUFFER_LIMIT = 1024 * 1024
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/readyz/self", "/metrics"})
@@ -89,7 +90,9 @@ class Runtime:
     http: aiohttp.ClientSession | None = None
     verifier: CachedVerifier | None = None
     limiter: RateLimiter | None = None
-    timeouts: dict[str, aiohttp.ClientTimeout] = field(default_factory=dict)
+    # The proxy's keep-alive pools and total timeouts, per upstream.
+    pools: dict[str, UpstreamPool] = field(default_factory=dict)
+    timeouts: dict[str, float] = field(default_factory=dict)
     # Set by the docs registry: route template for metrics, "seen up" hook.
     route_label: Callable[[str, str], str | None] = lambda service, path: None
     notice_up: Callable[[str], None] = lambda service: None
@@ -341,8 +344,8 @@ class Proxy:
         rt = self.rt
         state = scope["state"]
         service = state.get("gw_service") or scope["path_params"]["service"]
-        base = rt.upstreams.get(service)
-        if base is None or rt.http is None:
+        pool = rt.pools.get(service)
+        if pool is None:
             await send_problem(scope, send, Problem(404, f"没有名为 {service} 的服务。"))
             return
         limit = rt.settings.max_body_bytes
@@ -356,58 +359,34 @@ class Proxy:
             return
         except ClientGone:
             return
+        # The raw path and query go as received (percent-encoding, repeated keys).
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         pieces = raw_path.split(b"/", 4)
-        rest = pieces[4].decode("latin-1") if len(pieces) == 5 else ""
-        target = f"{base}/{rest}"
+        target = b"/" + pieces[4] if len(pieces) == 5 else b"/"
         query: bytes = scope.get("query_string", b"")
         if query:
-            target = f"{target}?{query.decode('latin-1')}"
-        url = URL(target, encoded=True)
+            target = target + b"?" + query
         headers = self._headers(scope, state, service)
-        timeout = rt.timeouts.get(service)
         started = time.perf_counter()
         try:
-            try:
-                upstream = await rt.http.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body or None,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                # A pooled keep-alive connection the upstream had just closed.
-                if method not in IDEMPOTENT_RETRY:
-                    raise
-                upstream = await rt.http.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body or None,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
+            upstream = await pool.request(
+                method, target, headers, body, rt.timeouts.get(service, DEFAULT_TIMEOUT)
+            )
         except TimeoutError:
             await self._fail(scope, send, service, 504, started)
             return
-        except aiohttp.ClientError:
+        except UpstreamError:
             await self._fail(scope, send, service, 502, started)
             return
         elapsed = time.perf_counter() - started
         state["upstream_ms"] = round(elapsed * 1000, 2)
         rt.metrics.observe_upstream(service, upstream.status, elapsed)
         rt.notice_up(service)
-        response_headers = [
-            (key.lower(), value)
-            for key, value in upstream.raw_headers
-            if key.lower() not in RESPONSE_SKIP
-        ]
+        response_headers = [(k, v) for k, v in upstream.headers if k not in RESPONSE_SKIP]
         started_response = False
         try:
-            length = upstream.content_length
-            if method == "HEAD" or (length is not None and length <= BUFFER_LIMIT):
+            length = upstream.length
+            if upstream.complete or (length is not None and length <= BUFFER_LIMIT):
                 data = await upstream.read()
                 started_response = True
                 await send(
@@ -427,10 +406,10 @@ class Proxy:
                         "headers": response_headers,
                     }
                 )
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             if not started_response:
                 await self._fail(
                     scope, send, service, 504 if isinstance(exc, TimeoutError) else 502, started
@@ -438,37 +417,37 @@ class Proxy:
                 return
             # Headers are gone already: all we can do is cut the response short.
             log.warning("upstream_body_failed", upstream=service, error=repr(exc))
-            upstream.close()
             raise
         finally:
             upstream.release()
 
-    def _headers(self, scope: Scope, state: dict[str, Any], service: str) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        nominated: set[bytes] = set()
-        host = ""
-        for key, value in scope["headers"]:
+    def _headers(
+        self, scope: Scope, state: dict[str, Any], service: str
+    ) -> list[tuple[bytes, bytes]]:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        nominated: frozenset[bytes] | set[bytes] = frozenset()
+        host = b""
+        for key, value in raw:
             if key == b"connection":
-                nominated |= {
-                    t.strip().lower().encode("latin-1") for t in value.decode("latin-1").split(",")
-                }
+                nominated = {t.strip().lower() for t in value.split(b",")}
             elif key == b"host":
-                host = value.decode("latin-1")
-        trusted_peer = state["peer_trusted"]
-        for key, value in scope["headers"]:
-            if key in REQUEST_SKIP or key in nominated:
-                continue
-            if key in FORWARDED_OWN and not trusted_peer:
-                continue
-            headers.add(key.decode("latin-1"), value.decode("latin-1"))
+                host = value
+        skip = REQUEST_SKIP | nominated if nominated else REQUEST_SKIP
+        if not state["peer_trusted"]:
+            skip = skip | FORWARDED_OWN
+        headers = [(k, v) for k, v in raw if k not in skip]
+        present = {k for k, _ in headers if k in FORWARDED_OWN}
         peer = state["peer"]
         forwarded_for = state["forwarded_for"]
-        headers["x-forwarded-for"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
-        headers.setdefault("x-forwarded-proto", scope.get("scheme", "http"))
-        if host:
-            headers.setdefault("x-forwarded-host", host)
-        headers.setdefault("x-forwarded-prefix", f"/api/v1/{service}")
-        headers["x-request-id"] = state["request_id"]
+        xff = f"{forwarded_for}, {peer}" if forwarded_for else peer
+        headers.append((b"x-forwarded-for", xff.encode("latin-1")))
+        if b"x-forwarded-proto" not in present:
+            headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+        if host and b"x-forwarded-host" not in present:
+            headers.append((b"x-forwarded-host", host))
+        if b"x-forwarded-prefix" not in present:
+            headers.append((b"x-forwarded-prefix", b"/api/v1/" + service.encode("latin-1")))
+        headers.append((b"x-request-id", state["request_id"].encode("latin-1")))
         return headers
 
     async def _fail(
