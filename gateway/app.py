@@ -22,10 +22,10 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from chassis.auth import JwksKeySource, KeySource, TokenVerifier
 from chassis.config import PlatformSettings, platform_settings
@@ -63,12 +63,31 @@ def _problem(request: Request, problem: Problem, **extra: Any) -> JSONResponse:
     )
 
 
+class GatewayApp(Starlette):
+    """Starlette with the edge outermost: every HTTP request passes the edge
+    (request id, token, rate limit, metrics, access log), and a forwarded one
+    goes from there straight to the proxy, never entering Starlette's
+    middleware stack and router (measurably cheaper per request)."""
+
+    edge: EdgeMiddleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope["app"] = self
+            await self.edge(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def inner(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await super().__call__(scope, receive, send)
+
+
 def create_app(
     settings: GatewaySettings | None = None,
     *,
     platform: PlatformSettings | None = None,
     key_source: KeySource | None = None,
-) -> Starlette:
+) -> GatewayApp:
     settings = settings or GatewaySettings()
     upstreams = settings.upstreams()
     metrics = GatewayMetrics()
@@ -251,7 +270,7 @@ def create_app(
         status = exc.status_code if isinstance(exc, HTTPException) else 500
         return _problem(request, Problem(status, headers=getattr(exc, "headers", None)))
 
-    app = Starlette(
+    app = GatewayApp(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
@@ -266,10 +285,10 @@ def create_app(
             Mount("/api/v1/gateway", app=api),
             Route("/api/v1/{service}/{path:path}", rt.proxy),
         ],
-        middleware=[Middleware(EdgeMiddleware, runtime=rt)],
         exception_handlers={HTTPException: http_error, Exception: http_error},
         lifespan=lifespan,
     )
+    app.edge = EdgeMiddleware(app.inner, runtime=rt)
     app.state.runtime = rt
     app.state.docs = registry
     app.state.webhooks_api = api

@@ -16,9 +16,9 @@ themselves.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,7 +158,7 @@ class EdgeMiddleware:
                 text = value.decode("latin-1")
                 forwarded_for = f"{forwarded_for}, {text}" if forwarded_for else text
         if not rid or not REQUEST_ID_RE.match(rid):
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()  # as uuid4().hex, without the UUID object
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
@@ -172,7 +172,7 @@ class EdgeMiddleware:
         state["peer_trusted"] = bool(rt.trusted) and in_networks(peer, rt.trusted)
         ctx = request_id_var.set(rid)
         rid_header = (b"x-request-id", rid.encode("latin-1"))
-        status = [500]
+        status = [0]  # 0 until the response starts
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -189,20 +189,26 @@ class EdgeMiddleware:
             if state.get("gw_service") in rt.upstreams and rt.proxy is not None:
                 # The hot path goes straight to the proxy, past the router and
                 # Starlette's exception middlewares (measurably cheaper).
-                await self._forward(scope, receive, send_wrapper, state)
+                try:
+                    await rt.proxy(scope, receive, send_wrapper)
+                except Exception:
+                    if status[0]:
+                        raise  # the status is gone: the connection is cut short
+                    await self._proxy_failed(scope, send_wrapper, state)
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
             route = self._route(scope, state)
-            rt.metrics.observe_request(scope["method"], route, status[0], elapsed)
+            code = status[0] or 500
+            rt.metrics.observe_request(scope["method"], route, code, elapsed)
             if rt.access_log.enabled and route not in QUIET_ROUTES:
                 rt.access_log(
                     request_id=rid,
                     method=scope["method"],
                     path=scope["path"],
                     route=route,
-                    status=status[0],
+                    status=code,
                     duration_ms=round(elapsed * 1000, 2),
                     upstream=state.get("gw_service"),
                     upstream_ms=state.get("upstream_ms"),
@@ -211,29 +217,13 @@ class EdgeMiddleware:
                 )
             request_id_var.reset(ctx)
 
-    async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any]
-    ) -> None:
-        started = False
-
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        assert self.rt.proxy is not None
-        try:
-            await self.rt.proxy(scope, receive, tracking)
-        except Exception:
-            if started:
-                raise  # the status is gone: the connection is cut short
-            service = state["gw_service"]
-            log.exception("proxy_failed", upstream=service)
-            name = SERVICE_NAMES_ZH.get(service, service)
-            await send_problem(
-                scope, tracking, Problem(502, f"{name}（{service}）暂不可用。", service=service)
-            )
+    async def _proxy_failed(self, scope: Scope, send: Send, state: dict[str, Any]) -> None:
+        service = state["gw_service"]
+        log.exception("proxy_failed", upstream=service)
+        name = SERVICE_NAMES_ZH.get(service, service)
+        await send_problem(
+            scope, send, Problem(502, f"{name}（{service}）暂不可用。", service=service)
+        )
 
     async def _edge(
         self, scope: Scope, state: dict[str, Any], authorization: bytes | None, ip: str
@@ -244,7 +234,7 @@ class EdgeMiddleware:
         if len(parts) < 5:
             return None  # the router answers 404
         service, rest = parts[3], "/" + parts[4]
-        if service not in rt.services:
+        if service not in rt.upstreams and service != GATEWAY_SERVICE:
             rt.metrics.reject("unknown_service")
             return Problem(404, f"没有名为 {service} 的服务。")
         if "/." in rest and any(seg in (".", "..") for seg in rest.split("/")):
@@ -264,7 +254,7 @@ class EdgeMiddleware:
                 )
             assert rt.verifier is not None
             try:
-                principal: Principal = await rt.verifier.verify(token)
+                principal: Principal = rt.verifier.cached(token) or await rt.verifier.verify(token)
             except Problem as problem:
                 # Guessing tokens costs the address its tokens all the same.
                 rt.metrics.reject("invalid_token")
@@ -278,7 +268,10 @@ class EdgeMiddleware:
         rt = self.rt
         if rt.limiter is None:
             return None
-        decision = await rt.limiter.check(method, path, client, ip)
+        limiter = rt.limiter
+        decision = limiter.check_now(method, path, client, ip) or await limiter.check(
+            method, path, client, ip
+        )
         if decision.allowed:
             return None
         wait = retry_after_header(decision.retry_after)
@@ -387,7 +380,7 @@ class Proxy:
         try:
             length = upstream.length
             if upstream.complete or (length is not None and length <= BUFFER_LIMIT):
-                data = await upstream.read()
+                data = upstream.take() if upstream.complete else await upstream.read()
                 started_response = True
                 await send(
                     {

@@ -264,6 +264,10 @@ class UpstreamResponse:
     def complete(self) -> bool:
         return self._conn.complete
 
+    def take(self) -> bytes:
+        """The body when `complete` (no waiting)."""
+        return self._conn.take()
+
     async def read(self) -> bytes:
         conn = self._conn
         while not conn.complete:
@@ -329,8 +333,8 @@ class UpstreamPool:
 
     # -- connections ----------------------------------------------------------
 
-    async def _acquire(self) -> tuple[_Conn, bool]:
-        """A connection, and whether it came from the pool."""
+    def _idle_conn(self) -> _Conn | None:
+        """The most recently used idle connection that is still good."""
         idle = self._idle
         now = time.monotonic()
         while idle:
@@ -343,8 +347,17 @@ class UpstreamPool:
                 conn.close()
                 self.forget(conn)
                 continue
-            return conn, True
-        while len(self._open) >= self.limit:
+            return conn
+        return None
+
+    async def _acquire(self) -> tuple[_Conn, bool]:
+        """A connection, and whether it came from the pool."""
+        while True:
+            conn = self._idle_conn()
+            if conn is not None:
+                return conn, True
+            if len(self._open) < self.limit:
+                return await self._connect(), False
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
             try:
@@ -352,9 +365,6 @@ class UpstreamPool:
             finally:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
-            if idle:
-                return await self._acquire()
-        return await self._connect(), False
 
     async def _connect(self) -> _Conn:
         if self._closed:
@@ -468,7 +478,8 @@ class UpstreamPool:
         try:
             for attempt in (0, 1):
                 try:
-                    conn, pooled = await self._acquire()
+                    idle = self._idle_conn()
+                    conn, pooled = (idle, True) if idle is not None else await self._acquire()
                 except asyncio.CancelledError:
                     if timed_out and task is not None and task.uncancel() == 0:
                         raise TimeoutError() from None
