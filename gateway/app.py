@@ -11,6 +11,7 @@ JetStream consumers and the dispatcher that deliver signed webhooks.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -163,6 +164,9 @@ def create_app(
             stack.push_async_callback(bounded(registry.stop, "registry.stop"))
             if settings.webhooks_enabled:
                 await _start_webhooks(stack, settings, plat, rt, api)
+            if settings.gc_freeze:
+                gc.collect()
+                gc.freeze()
             log.info(
                 "gateway_started",
                 port=settings.port,
