@@ -133,12 +133,6 @@ class GatewaySettings(BaseSettings):
         ]
     )
     access_log: bool = True
-    # After start-up, move every object then alive out of the collector's
-    # reach (gc.freeze): measured under load, each full collection otherwise
-    # walked the start-up heap (modules, OpenAPI documents) for 50-60 ms,
-    # collecting nothing, every few seconds, stalling every request in
-    # flight. Off in tests, where many gateways start in one process.
-    gc_freeze: bool = True
 
     public_routes: list[PublicRoute] = Field(default_factory=lambda: list(DEFAULT_PUBLIC_ROUTES))
     token_cache_size: int = 10_000

@@ -183,7 +183,6 @@ def build_gateway_app(
         docs_fetch_timeout_seconds=2.0,
         redis_url="",
         access_log=False,
-        gc_freeze=False,
         webhook_allow_http=True,
         webhook_allow_private_targets=True,
     )
