@@ -7,8 +7,10 @@ Starts, each in its own process as `make run` does: an embedded NATS server,
 the homework service (`shuangjian serve homework`, SQLite in a temporary
 directory) and the gateway in front of it (production settings: token check
 with a real EdDSA token, rate limiting on with limits far above the load,
-JSON access log on, metrics on, webhooks off). This process is the load
-generator (one aiohttp session). In one run it measures:
+JSON access log on, metrics on, webhooks off, GC_FREEZE on as under
+`shuangjian serve`; the merged OpenAPI document refreshed every 300 s as in
+a deployment with every service up, not every 5 s as while four of them are
+missing here). This process is the load generator (one aiohttp session). In one run it measures:
 
 (a) peak throughput of `GET /healthz` on the service directly and of
     `GET /api/v1/homework/healthz` through the gateway, closed loop at the
