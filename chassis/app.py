@@ -6,6 +6,7 @@ to NATS in the background, and starts the outbox relay and the consumers.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -127,6 +128,9 @@ def create_service_app(
                 runner = JobRunner(ctx, job, interval)
                 runner.start()
                 ctx.jobs[job.name] = runner
+        if platform.gc_freeze:
+            gc.collect()
+            gc.freeze()
         log.info("service_started", service=spec.name, port=settings.port)
         try:
             yield

@@ -5,27 +5,27 @@
 missing or invalid token unless the route is public, rate limits); at the
 end one metrics observation and one access-log line.
 
-`Proxy` forwards to `<upstream>/<rest>` on one pooled aiohttp session: the
-raw path and query string go as received (repeated keys, percent-encoding),
-headers go in order and repeated, minus hop-by-hop ones; the Authorization
-header passes unchanged because services verify tokens themselves.
+`Proxy` forwards to `<upstream>/<rest>` on a keep-alive pool per upstream
+(gateway/upstream.py, chosen over aiohttp's client by measurement): the raw
+path and query string go as received (repeated keys, percent-encoding),
+headers go in order and repeated, as bytes, minus hop-by-hop ones; the
+Authorization header passes unchanged because services verify tokens
+themselves.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import structlog
-from multidict import CIMultiDict
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from yarl import URL
 
 from chassis.auth import CachedVerifier, Principal
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
@@ -34,6 +34,7 @@ from gateway.config import GATEWAY_SERVICE, GatewaySettings
 from gateway.edge import IPNetwork, PublicRoutes, client_address, in_networks
 from gateway.ratelimit import RateLimiter, retry_after_header
 from gateway.telemetry import AccessLog, GatewayMetrics
+from gateway.upstream import UpstreamError, UpstreamPool
 
 log = structlog.get_logger("gateway")
 
@@ -45,7 +46,7 @@ SERVICE_NAMES_ZH = {
     "funds": "资金监管服务",
     "gateway": "网关",
 }
-# RFC 9110 §7.6.1 connection-specific headers, and what aiohttp sets itself.
+# RFC 9110 §7.6.1 connection-specific headers, and what the client sets itself.
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -69,7 +70,7 @@ REQUEST_SKIP = HOP_BY_HOP | {
 FORWARDED_OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-prefix"})
 # uvicorn writes its own date and server headers; ours carries the request id.
 RESPONSE_SKIP = HOP_BY_HOP | {b"date", b"server", b"x-request-id"}
-IDEMPOTENT_RETRY = frozenset({"GET", "HEAD", "OPTIONS"})
+DEFAULT_TIMEOUT = 15.0
 BUFFER_LIMIT = 1024 * 1024
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}\Z")
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/readyz/self", "/metrics"})
@@ -89,7 +90,9 @@ class Runtime:
     http: aiohttp.ClientSession | None = None
     verifier: CachedVerifier | None = None
     limiter: RateLimiter | None = None
-    timeouts: dict[str, aiohttp.ClientTimeout] = field(default_factory=dict)
+    # The proxy's keep-alive pools and total timeouts, per upstream.
+    pools: dict[str, UpstreamPool] = field(default_factory=dict)
+    timeouts: dict[str, float] = field(default_factory=dict)
     # Set by the docs registry: route template for metrics, "seen up" hook.
     route_label: Callable[[str, str], str | None] = lambda service, path: None
     notice_up: Callable[[str], None] = lambda service: None
@@ -155,7 +158,7 @@ class EdgeMiddleware:
                 text = value.decode("latin-1")
                 forwarded_for = f"{forwarded_for}, {text}" if forwarded_for else text
         if not rid or not REQUEST_ID_RE.match(rid):
-            rid = uuid.uuid4().hex
+            rid = os.urandom(16).hex()  # as uuid4().hex, without the UUID object
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
@@ -169,7 +172,7 @@ class EdgeMiddleware:
         state["peer_trusted"] = bool(rt.trusted) and in_networks(peer, rt.trusted)
         ctx = request_id_var.set(rid)
         rid_header = (b"x-request-id", rid.encode("latin-1"))
-        status = [500]
+        status = [0]  # 0 until the response starts
 
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -186,20 +189,26 @@ class EdgeMiddleware:
             if state.get("gw_service") in rt.upstreams and rt.proxy is not None:
                 # The hot path goes straight to the proxy, past the router and
                 # Starlette's exception middlewares (measurably cheaper).
-                await self._forward(scope, receive, send_wrapper, state)
+                try:
+                    await rt.proxy(scope, receive, send_wrapper)
+                except Exception:
+                    if status[0]:
+                        raise  # the status is gone: the connection is cut short
+                    await self._proxy_failed(scope, send_wrapper, state)
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
             elapsed = time.perf_counter() - start
             route = self._route(scope, state)
-            rt.metrics.observe_request(scope["method"], route, status[0], elapsed)
+            code = status[0] or 500
+            rt.metrics.observe_request(scope["method"], route, code, elapsed)
             if rt.access_log.enabled and route not in QUIET_ROUTES:
                 rt.access_log(
                     request_id=rid,
                     method=scope["method"],
                     path=scope["path"],
                     route=route,
-                    status=status[0],
+                    status=code,
                     duration_ms=round(elapsed * 1000, 2),
                     upstream=state.get("gw_service"),
                     upstream_ms=state.get("upstream_ms"),
@@ -208,29 +217,13 @@ class EdgeMiddleware:
                 )
             request_id_var.reset(ctx)
 
-    async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, state: dict[str, Any]
-    ) -> None:
-        started = False
-
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        assert self.rt.proxy is not None
-        try:
-            await self.rt.proxy(scope, receive, tracking)
-        except Exception:
-            if started:
-                raise  # the status is gone: the connection is cut short
-            service = state["gw_service"]
-            log.exception("proxy_failed", upstream=service)
-            name = SERVICE_NAMES_ZH.get(service, service)
-            await send_problem(
-                scope, tracking, Problem(502, f"{name}（{service}）暂不可用。", service=service)
-            )
+    async def _proxy_failed(self, scope: Scope, send: Send, state: dict[str, Any]) -> None:
+        service = state["gw_service"]
+        log.exception("proxy_failed", upstream=service)
+        name = SERVICE_NAMES_ZH.get(service, service)
+        await send_problem(
+            scope, send, Problem(502, f"{name}（{service}）暂不可用。", service=service)
+        )
 
     async def _edge(
         self, scope: Scope, state: dict[str, Any], authorization: bytes | None, ip: str
@@ -241,7 +234,7 @@ class EdgeMiddleware:
         if len(parts) < 5:
             return None  # the router answers 404
         service, rest = parts[3], "/" + parts[4]
-        if service not in rt.services:
+        if service not in rt.upstreams and service != GATEWAY_SERVICE:
             rt.metrics.reject("unknown_service")
             return Problem(404, f"没有名为 {service} 的服务。")
         if "/." in rest and any(seg in (".", "..") for seg in rest.split("/")):
@@ -261,7 +254,7 @@ class EdgeMiddleware:
                 )
             assert rt.verifier is not None
             try:
-                principal: Principal = await rt.verifier.verify(token)
+                principal: Principal = rt.verifier.cached(token) or await rt.verifier.verify(token)
             except Problem as problem:
                 # Guessing tokens costs the address its tokens all the same.
                 rt.metrics.reject("invalid_token")
@@ -275,7 +268,10 @@ class EdgeMiddleware:
         rt = self.rt
         if rt.limiter is None:
             return None
-        decision = await rt.limiter.check(method, path, client, ip)
+        limiter = rt.limiter
+        decision = limiter.check_now(method, path, client, ip) or await limiter.check(
+            method, path, client, ip
+        )
         if decision.allowed:
             return None
         wait = retry_after_header(decision.retry_after)
@@ -341,8 +337,8 @@ class Proxy:
         rt = self.rt
         state = scope["state"]
         service = state.get("gw_service") or scope["path_params"]["service"]
-        base = rt.upstreams.get(service)
-        if base is None or rt.http is None:
+        pool = rt.pools.get(service)
+        if pool is None:
             await send_problem(scope, send, Problem(404, f"没有名为 {service} 的服务。"))
             return
         limit = rt.settings.max_body_bytes
@@ -356,59 +352,35 @@ class Proxy:
             return
         except ClientGone:
             return
+        # The raw path and query go as received (percent-encoding, repeated keys).
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
         pieces = raw_path.split(b"/", 4)
-        rest = pieces[4].decode("latin-1") if len(pieces) == 5 else ""
-        target = f"{base}/{rest}"
+        target = b"/" + pieces[4] if len(pieces) == 5 else b"/"
         query: bytes = scope.get("query_string", b"")
         if query:
-            target = f"{target}?{query.decode('latin-1')}"
-        url = URL(target, encoded=True)
+            target = target + b"?" + query
         headers = self._headers(scope, state, service)
-        timeout = rt.timeouts.get(service)
         started = time.perf_counter()
         try:
-            try:
-                upstream = await rt.http.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body or None,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-                # A pooled keep-alive connection the upstream had just closed.
-                if method not in IDEMPOTENT_RETRY:
-                    raise
-                upstream = await rt.http.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body or None,
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
+            upstream = await pool.request(
+                method, target, headers, body, rt.timeouts.get(service, DEFAULT_TIMEOUT)
+            )
         except TimeoutError:
             await self._fail(scope, send, service, 504, started)
             return
-        except aiohttp.ClientError:
+        except UpstreamError:
             await self._fail(scope, send, service, 502, started)
             return
         elapsed = time.perf_counter() - started
         state["upstream_ms"] = round(elapsed * 1000, 2)
         rt.metrics.observe_upstream(service, upstream.status, elapsed)
         rt.notice_up(service)
-        response_headers = [
-            (key.lower(), value)
-            for key, value in upstream.raw_headers
-            if key.lower() not in RESPONSE_SKIP
-        ]
+        response_headers = [(k, v) for k, v in upstream.headers if k not in RESPONSE_SKIP]
         started_response = False
         try:
-            length = upstream.content_length
-            if method == "HEAD" or (length is not None and length <= BUFFER_LIMIT):
-                data = await upstream.read()
+            length = upstream.length
+            if upstream.complete or (length is not None and length <= BUFFER_LIMIT):
+                data = upstream.take() if upstream.complete else await upstream.read()
                 started_response = True
                 await send(
                     {
@@ -427,10 +399,10 @@ class Proxy:
                         "headers": response_headers,
                     }
                 )
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.iter_chunks():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamError) as exc:
             if not started_response:
                 await self._fail(
                     scope, send, service, 504 if isinstance(exc, TimeoutError) else 502, started
@@ -438,37 +410,37 @@ class Proxy:
                 return
             # Headers are gone already: all we can do is cut the response short.
             log.warning("upstream_body_failed", upstream=service, error=repr(exc))
-            upstream.close()
             raise
         finally:
             upstream.release()
 
-    def _headers(self, scope: Scope, state: dict[str, Any], service: str) -> CIMultiDict[str]:
-        headers: CIMultiDict[str] = CIMultiDict()
-        nominated: set[bytes] = set()
-        host = ""
-        for key, value in scope["headers"]:
+    def _headers(
+        self, scope: Scope, state: dict[str, Any], service: str
+    ) -> list[tuple[bytes, bytes]]:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        nominated: frozenset[bytes] | set[bytes] = frozenset()
+        host = b""
+        for key, value in raw:
             if key == b"connection":
-                nominated |= {
-                    t.strip().lower().encode("latin-1") for t in value.decode("latin-1").split(",")
-                }
+                nominated = {t.strip().lower() for t in value.split(b",")}
             elif key == b"host":
-                host = value.decode("latin-1")
-        trusted_peer = state["peer_trusted"]
-        for key, value in scope["headers"]:
-            if key in REQUEST_SKIP or key in nominated:
-                continue
-            if key in FORWARDED_OWN and not trusted_peer:
-                continue
-            headers.add(key.decode("latin-1"), value.decode("latin-1"))
+                host = value
+        skip = REQUEST_SKIP | nominated if nominated else REQUEST_SKIP
+        if not state["peer_trusted"]:
+            skip = skip | FORWARDED_OWN
+        headers = [(k, v) for k, v in raw if k not in skip]
+        present = {k for k, _ in headers if k in FORWARDED_OWN}
         peer = state["peer"]
         forwarded_for = state["forwarded_for"]
-        headers["x-forwarded-for"] = f"{forwarded_for}, {peer}" if forwarded_for else peer
-        headers.setdefault("x-forwarded-proto", scope.get("scheme", "http"))
-        if host:
-            headers.setdefault("x-forwarded-host", host)
-        headers.setdefault("x-forwarded-prefix", f"/api/v1/{service}")
-        headers["x-request-id"] = state["request_id"]
+        xff = f"{forwarded_for}, {peer}" if forwarded_for else peer
+        headers.append((b"x-forwarded-for", xff.encode("latin-1")))
+        if b"x-forwarded-proto" not in present:
+            headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode("latin-1")))
+        if host and b"x-forwarded-host" not in present:
+            headers.append((b"x-forwarded-host", host))
+        if b"x-forwarded-prefix" not in present:
+            headers.append((b"x-forwarded-prefix", b"/api/v1/" + service.encode("latin-1")))
+        headers.append((b"x-request-id", state["request_id"].encode("latin-1")))
         return headers
 
     async def _fail(

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 import structlog
@@ -37,6 +38,14 @@ class Decision:
     retry_after: float = 0.0
     rule: str = ""
     scope: str = ""  # "client" | "ip": the bucket that ran dry
+
+
+ALLOWED = Decision(True)
+
+
+@lru_cache(maxsize=256)
+def _allowed(rule: str) -> Decision:
+    return Decision(True, rule=rule)
 
 
 class BucketStore(Protocol):
@@ -178,6 +187,10 @@ class _CompiledRule:
     per_client: Limit | None
     per_ip: Limit | None
 
+    @property
+    def allowed(self) -> Decision:
+        return _allowed(self.name)
+
 
 class RateLimiter:
     def __init__(self, rules: Iterable[RateLimitRule], store: BucketStore) -> None:
@@ -188,6 +201,7 @@ class RateLimiter:
             for r in rules
         ]
         self.store = store
+        self._memory = store if isinstance(store, MemoryBuckets) else None
 
     def rule_for(self, method: str, path: str) -> _CompiledRule | None:
         for rule in self.rules:
@@ -195,10 +209,9 @@ class RateLimiter:
                 return rule
         return None
 
-    async def check(self, method: str, path: str, client: str | None, ip: str) -> Decision:
-        rule = self.rule_for(method, path)
-        if rule is None:
-            return Decision(True)
+    def _buckets(
+        self, rule: _CompiledRule, client: str | None, ip: str
+    ) -> tuple[list[Bucket], list[str]]:
         buckets: list[Bucket] = []
         scopes: list[str] = []
         if rule.per_client is not None and client:
@@ -209,11 +222,34 @@ class RateLimiter:
         if rule.per_ip is not None and ip:
             buckets.append((f"{rule.name}:ip:{ip}", rule.per_ip.per_second, rule.per_ip.burst))
             scopes.append("ip")
+        return buckets, scopes
+
+    def check_now(self, method: str, path: str, client: str | None, ip: str) -> Decision | None:
+        """The decision without awaiting, when the buckets are in memory;
+        None when they are in Redis (then `await check(...)`)."""
+        if self._memory is None:
+            return None
+        rule = self.rule_for(method, path)
+        if rule is None:
+            return ALLOWED
+        buckets, scopes = self._buckets(rule, client, ip)
         if not buckets:
-            return Decision(True, rule=rule.name)
+            return rule.allowed
+        wait, dry = self._memory.take_now(buckets, time.monotonic())
+        if dry < 0:
+            return rule.allowed
+        return Decision(False, retry_after=wait, rule=rule.name, scope=scopes[dry])
+
+    async def check(self, method: str, path: str, client: str | None, ip: str) -> Decision:
+        rule = self.rule_for(method, path)
+        if rule is None:
+            return ALLOWED
+        buckets, scopes = self._buckets(rule, client, ip)
+        if not buckets:
+            return rule.allowed
         wait, dry = await self.store.take(buckets)
         if dry < 0:
-            return Decision(True, rule=rule.name)
+            return rule.allowed
         return Decision(False, retry_after=wait, rule=rule.name, scope=scopes[dry])
 
     async def close(self) -> None:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -103,12 +108,36 @@ class GatewayMetrics(Metrics):
 
 
 class AccessLog:
-    """One JSON line per request; replaceable in tests (`sink`)."""
+    """One JSON line per request; replaceable in tests (`sink`).
+
+    With JSON logging (the default), lines are the same objects structlog
+    would print (the fields, then `event`, `level`, `timestamp`), encoded
+    directly and written in batches: at most every `FLUSH_SECONDS`, so a
+    busy gateway does one write for many requests instead of running the
+    structlog pipeline and a flushed `print` per request (measured: about a
+    fifth of the gateway's CPU per forwarded request). `close()` writes what
+    is left. With console logging they go through structlog as before.
+    """
+
+    FLUSH_SECONDS = 0.01
+    MAX_PENDING = 512
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._log = structlog.get_logger("gateway.access")
         self.sink: Any = None
+        self.direct = False
+        self.quiet = False
+        self.stream: Any = None
+        self._pending: list[str] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._encode = json.JSONEncoder(ensure_ascii=False).encode
+
+    def configure(self, *, json_lines: bool, level: str) -> None:
+        """Follow the platform's logging settings (called at start-up)."""
+        # Below INFO structlog drops the lines; so does the direct path.
+        self.direct = json_lines
+        self.quiet = logging.getLevelName(level.upper()) not in (logging.DEBUG, logging.INFO)
 
     def __call__(self, **fields: Any) -> None:
         if not self.enabled:
@@ -116,4 +145,39 @@ class AccessLog:
         if self.sink is not None:
             self.sink(fields)
             return
-        self._log.info("request", **fields)
+        if not self.direct:
+            self._log.info("request", **fields)
+            return
+        if self.quiet:
+            return
+        fields["event"] = "request"
+        fields["level"] = "info"
+        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        pending = self._pending
+        pending.append(self._encode(fields))
+        if len(pending) >= self.MAX_PENDING:
+            self.flush()
+        elif self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        stream = self.stream or sys.stdout
+        try:
+            stream.write("\n".join(lines) + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # a closed stdout must not break requests
+            pass
+
+    async def close(self) -> None:
+        self.flush()

@@ -55,6 +55,10 @@ def migrate(names: list[str]) -> None:
 def serve(name: str, host: str | None, port: int | None) -> None:
     import uvicorn
 
+    # One app per process: freeze its start-up heap out of the collector.
+    os.environ.setdefault("GC_FREEZE", "true")
+    platform_settings.cache_clear()
+
     if name == "gateway":
         from gateway.app import create_app as create_gateway
         from gateway.config import GatewaySettings
