@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,6 +99,32 @@ async def run_load(
     started = time.perf_counter()
     results = await asyncio.gather(*(guarded(i) for i in range(n)))
     return time.perf_counter() - started, list(results)
+
+
+async def open_loop(
+    rate: float, count: int, one: Callable[[int], Awaitable[int]]
+) -> tuple[list[tuple[int, float]], float]:
+    """`count` requests started at `rate` per second on a fixed schedule, as
+    parents pressing at once arrive (not as `c` clients each waiting for its
+    answer): (status, ms) for each, the latency counted from its scheduled
+    start (no coordinated omission: a stall is paid by every request due
+    during it); and the time until the last answer."""
+    results: list[tuple[int, float]] = []
+    start = time.perf_counter() + 0.05
+
+    async def timed(j: int, due: float) -> None:
+        code = await one(j)
+        results.append((code, (time.perf_counter() - due) * 1000))
+
+    tasks = []
+    for j in range(count):
+        due = start + j / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(timed(j, due)))
+    await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
 
 
 async def check(db: Any, course_ids: list[str]) -> str:
@@ -254,15 +281,34 @@ def serve_service(port: int, jwks_file: str) -> None:
     from services.afterschool.app import create_app
 
     app = create_app(key_source=StaticKeySource(json.loads(Path(jwks_file).read_text())))
-    uvicorn.run(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
+    profile = os.environ.get("BENCH_PROFILE")  # a file: cProfile of the service process
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+
+        def dump(*_: object) -> None:
+            # uvicorn re-raises the SIGTERM it caught once it has shut down.
+            profiler.disable()
+            profiler.dump_stats(profile)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, dump)
+        profiler.enable()
+    try:
+        uvicorn.run(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        if profiler is not None:
+            dump()
 
 
 async def wait_up(url: str, timeout: float = 90) -> None:
@@ -350,6 +396,8 @@ async def bench(args: argparse.Namespace) -> None:
         )
 
     n, extra, c = args.students, args.sold_out, args.concurrency
+    target, seconds = args.rate, args.open_seconds
+    per_open = int(target * seconds)  # students one open-loop enrollment run may use
     backend = "PostgreSQL" if admin_url else "SQLite"
     children, direct, gateway = start_processes(tmp, nats.url, url, jwks_file)
     db: Database | None = None
@@ -358,18 +406,24 @@ async def bench(args: argparse.Namespace) -> None:
         await wait_up(gateway.rsplit("/api/", 1)[0] + "/healthz")
         db = Database(url, service="bench", pool_size=10)
         client = httpx.AsyncClient(base_url=direct, timeout=60)
-        # students [0, n): gateway phases and raw SQL; [n, 2n): direct phase;
-        # [2n, 2n + extra): the sold-out askers (refused, so free for both).
-        school = await helpers.seed_school(db, students=2 * n + extra)
+        # Students: [0, n) the gateway's closed loop, (c) and the raw SQL;
+        # [n, 2n) the direct closed loop; then per path two open-loop pools of
+        # rate x seconds each (a child enrolls once per hot course); the last
+        # `extra` ask for full courses (refused, written nowhere: reused).
+        total = 2 * n + 4 * per_open + extra
+        school = await helpers.seed_school(db, students=total)
+        pools = iter(range(2 * n, 2 * n + 4 * per_open, per_open))
+        askers = 2 * n + 4 * per_open
         admin = helpers.admin_token(mint, school)
         plan = await helpers.make_plan(client, admin, school)
         body = helpers.course_body
-        hot = await helpers.add_course(
-            client, admin, plan["id"], body(school, name="热门", capacity=100)
-        )
-        hot_direct = await helpers.add_course(
-            client, admin, plan["id"], body(school, name="热门2", capacity=100)
-        )
+
+        async def hot_course(name: str) -> dict[str, Any]:
+            return await helpers.add_course(
+                client, admin, plan["id"], body(school, name=name, capacity=100)
+            )
+
+        hot = {path: [await hot_course(f"热门{path}{k}") for k in range(3)] for path in "gd"}
         many = [
             await helpers.add_course(
                 client,
@@ -387,81 +441,128 @@ async def bench(args: argparse.Namespace) -> None:
         )
         await helpers.open_window(client, admin, plan["id"])
         await client.aclose()
-        tokens = [helpers.parent_token(mint, school, i) for i in range(2 * n + extra)]
+        tokens = [helpers.parent_token(mint, school, i) for i in range(total)]
         connector = aiohttp.TCPConnector(limit=0)
         session = aiohttp.ClientSession(connector=connector)
 
-        def tap(base: str, course_of: Callable[[int], str], offset: int = 0, waitlist: bool = True):
-            suffix = "" if waitlist else "?waitlist=false"
+        async def post(base: str, i: int, course_id: str, key: str, waitlist: bool) -> int:
+            async with session.post(
+                f"{base}/enrollments" + ("" if waitlist else "?waitlist=false"),
+                json={"student_id": school.students[i], "course_id": course_id, "consent": True},
+                headers={"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": key},
+            ) as r:
+                await r.read()
+                return r.status
 
+        def tap(base: str, course_of: Callable[[int], str], offset: int = 0, waitlist: bool = True):
             async def one(i: int) -> tuple[int, float]:
                 i += offset
                 course_id = course_of(i)
                 t = time.perf_counter()
-                async with session.post(
-                    f"{base}/enrollments{suffix}",
-                    json={
-                        "student_id": school.students[i],
-                        "course_id": course_id,
-                        "consent": True,
-                    },
-                    headers={
-                        "Authorization": f"Bearer {tokens[i]}",
-                        "Idempotency-Key": f"k-{i}-{course_id}",
-                    },
-                ) as r:
-                    await r.read()
-                    return r.status, time.perf_counter() - t
+                code = await post(base, i, course_id, f"k-{i}-{course_id}", waitlist)
+                return code, time.perf_counter() - t
 
             return one
 
-        def report_hot(label: str, elapsed: float, results: list[tuple[int, float]]) -> float:
+        def report_open(
+            label: str, rate: float, results: list[tuple[int, float]], elapsed: float, good: int
+        ) -> None:
             codes = sorted({code for code, _ in results})
-            lat = [t * 1000 for _, t in results]
+            lat = [t for code, t in results if code == good]
+            sold = good == 409
+            print(
+                f"\n{label}, open loop at {rate:,.0f}/s for {seconds:g} s; answers {codes},"
+                f" {len(lat)} of {len(results)} {'told full' if sold else 'held or waitlisted'},"
+                f" done at {len(results) / elapsed:,.0f}/s"
+            )
+            if not lat:
+                return
+            at_target = rate >= target
+            name = "sold-out answer" if sold else "latency"
+            line(f"{name} p50 ms", f"{statistics.median(lat):.1f}")
+            bound = 20 if sold else 100
+            line(
+                f"{name} p99 ms",
+                f"{pct(lat, 99):.1f}",
+                f"<= {bound}" + ("" if at_target else " (at target rate)"),
+                (pct(lat, 99) <= bound) if at_target else None,
+            )
+
+        async def open_enrollments(label: str, base: str, rate: float, course: str) -> None:
+            first = next(pools)
+            count = int(rate * seconds)
+            results, elapsed = await open_loop(
+                rate,
+                count,
+                lambda j: post(base, first + j, course, f"o-{first + j}-{course}", True),
+            )
+            report_open(label, rate, results, elapsed, 201)
+            print("  " + await check(db, [course]))
+
+        sold_round = iter(range(1000))
+
+        async def open_sold_out(label: str, base: str, rate: float, course: str) -> None:
+            r = next(sold_round)
+            results, elapsed = await open_loop(
+                rate,
+                int(rate * seconds),
+                lambda j: post(base, askers + j % extra, course, f"s{r}-{j}-{course}", False),
+            )
+            report_open(label, rate, results, elapsed, 409)
+
+        async def rush(path: str, base: str, where: str, offset: int) -> float:
+            """One path: closed-loop peak, then open-loop latency at the target
+            rate and at the peak if lower; sold-out answers likewise."""
+            first, second, third = (x["id"] for x in hot[path])
+            elapsed, results = await run_load(n, c, tap(base, lambda i: first, offset=offset))
+            codes = sorted({code for code, _ in results})
             rate = len(results) / elapsed
-            print(f"\n{label}; answers {codes}")
+            lat = [t * 1000 for _, t in results]
+            print(
+                f"\n({path}1) {where}: one hot course, 100 seats, closed loop at concurrency"
+                f" {c} (peak throughput; latency here is just {c} / throughput); answers {codes}"
+            )
             line("enrollments/s", f"{rate:,.0f}", ">= 1,000 (PostgreSQL)", rate >= 1000)
-            line("latency p50 ms", f"{statistics.median(lat):.1f}")
-            line("latency p99 ms", f"{pct(lat, 99):.1f}", "<= 100", pct(lat, 99) <= 100)
+            line("latency p50 ms (closed loop)", f"{statistics.median(lat):.1f}")
+            line("latency p99 ms (closed loop)", f"{pct(lat, 99):.1f}")
+            print("  " + await check(db, [first]))
+            await open_enrollments(f"({path}2) {where}: a fresh hot course", base, target, second)
+            if rate < target:
+                await open_enrollments(f"({path}3) {where}: a fresh hot course", base, rate, third)
+            # Sold out: the first hot course is full; no-waitlist askers.
+            took, sold = await run_load(
+                extra, c, tap(base, lambda i: first, offset=askers, waitlist=False)
+            )
+            full = [t for code, t in sold if code == 409]
+            sold_rate = len(sold) / took
+            print(
+                f"\n({path}4) {where}: sold out, no waitlist wanted, closed loop at concurrency"
+                f" {c}: {len(full)} of {len(sold)} told 'full'"
+            )
+            line("answers/s", f"{sold_rate:,.0f}")
+            await open_sold_out(f"({path}5) {where}: sold out", base, target, first)
+            if sold_rate < target:
+                await open_sold_out(f"({path}6) {where}: sold out", base, sold_rate, first)
             return rate
 
-        def report_sold(label: str, results: list[tuple[int, float]]) -> None:
-            full = [t * 1000 for code, t in results if code == 409]
-            print(f"\n{label}: {len(full)} of {len(results)} told 'full'")
-            if full:
-                line("sold-out answer p50 ms", f"{statistics.median(full):.1f}")
-                line("sold-out answer p99 ms", f"{pct(full, 99):.1f}", "<= 20", pct(full, 99) <= 20)
-
-        print(f"\nafter-school enrollment rush on {backend}, {n} students, concurrency {c}")
+        print(f"\nafter-school enrollment rush on {backend}, {n} students, concurrency {c},")
+        print(f"open-loop target {target:,.0f} requests/s for {seconds:g} s per run")
         print("  (separate processes: load generator -> gateway -> afterschool -> database)")
 
-        elapsed, results = await run_load(n, c, tap(gateway, lambda i: hot["id"]))
-        rate = report_hot("(a) through the gateway: one hot course, 100 seats", elapsed, results)
-        print("  " + await check(db, [hot["id"]]))
-
-        _, sold = await run_load(
-            extra, c, tap(gateway, lambda i: hot["id"], offset=2 * n, waitlist=False)
-        )
-        report_sold("(b) through the gateway: sold out, no waitlist wanted", sold)
+        rate = await rush("g", gateway, "through the gateway", 0)
 
         elapsed, spread = await run_load(n, c, tap(gateway, lambda i: many[i % 100]["id"]))
         lat = [t * 1000 for _, t in spread]
         print(
-            "\n(c) through the gateway: 100 courses, 50 seats each; answers "
-            f"{sorted({s for s, _ in spread})}"
+            f"\n(c) through the gateway: 100 courses, 50 seats each, closed loop at concurrency"
+            f" {c}; answers {sorted({s for s, _ in spread})}"
         )
         line("enrollments/s", f"{n / elapsed:,.0f}")
-        line("latency p50 ms", f"{statistics.median(lat):.1f}")
-        line("latency p99 ms", f"{pct(lat, 99):.1f}")
+        line("latency p50 ms (closed loop)", f"{statistics.median(lat):.1f}")
+        line("latency p99 ms (closed loop)", f"{pct(lat, 99):.1f}")
         print("  " + await check(db, [m["id"] for m in many]))
 
-        elapsed, results = await run_load(n, c, tap(direct, lambda i: hot_direct["id"], offset=n))
-        report_hot("(a') directly to the service: one hot course, 100 seats", elapsed, results)
-        print("  " + await check(db, [hot_direct["id"]]))
-        _, sold = await run_load(
-            extra, c, tap(direct, lambda i: hot_direct["id"], offset=2 * n, waitlist=False)
-        )
-        report_sold("(b') directly to the service: sold out, no waitlist wanted", sold)
+        await rush("d", direct, "directly to the service", n)
         await session.close()
 
         async def raw_one(i: int) -> tuple[int, float]:
@@ -508,6 +609,8 @@ def main() -> None:
     parser.add_argument("--students", type=int, default=5000)
     parser.add_argument("--sold-out", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=1000.0, help="open-loop target, requests/s")
+    parser.add_argument("--open-seconds", type=float, default=3.0)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     asyncio.run(bench(args))

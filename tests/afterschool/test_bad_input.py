@@ -119,3 +119,38 @@ async def test_x03_bad_afterschool_input_is_refused_without_a_500_or_a_write(sta
     )
     assert r.status_code == 404
     assert await totals(svc) == before
+
+
+async def test_x03_enrollment_route_refuses_bad_input_field_by_field(start_service, mint):
+    """POST /enrollments runs without FastAPI's dependency solving (the rush
+    route): bad input is still a 422 problem naming each field, a missing
+    token a 401, and the route is still documented in OpenAPI."""
+    svc = await start_service("afterschool")
+    school = await seed_school(svc.ctx.db)
+    headers = {**auth(parent_token(mint, school, 0)), "Idempotency-Key": uid()}
+    r = await svc.client.post(
+        "/enrollments?waitlist=perhaps",
+        json={"student_id": school.students[0], "consent": "maybe"},
+        headers=headers,
+    )
+    assert r.status_code == 422
+    assert r.headers["content-type"].startswith("application/problem+json")
+    fields = {e["field"] for e in r.json()["errors"]}
+    assert fields == {"query.waitlist", "body.course_id", "body.consent"}
+    r = await svc.client.post(
+        "/enrollments",
+        json={"student_id": school.students[0], "course_id": uid(), "consent": True, "x": 1},
+        headers=headers,
+    )
+    assert r.status_code == 422
+    assert {e["field"] for e in r.json()["errors"]} == {"body.x"}
+    r = await svc.client.post(
+        "/enrollments",
+        json={"student_id": school.students[0], "course_id": uid(), "consent": True},
+        headers={"Idempotency-Key": uid()},
+    )
+    assert r.status_code == 401
+    r = await svc.client.get("/openapi.json")
+    operation = r.json()["paths"]["/enrollments"]["post"]
+    assert "201" in operation["responses"]
+    assert {p["name"] for p in operation["parameters"]} >= {"waitlist"}
