@@ -68,6 +68,7 @@ async def apply_institution_facts(session: AsyncSession, facts: inst.Institution
     for course in list(courses):
         course.status = "flagged"
         course.flag_reason = reason
+        service.seat_freed(course.id)  # no "full" remembered for a suspended course
         students = (
             await session.execute(
                 select(Enrollment.student_id).where(

@@ -52,6 +52,8 @@ from contracts import afterschool as ev
 from services.afterschool import rules, schemas, service
 from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
 
+courses_table = Course.__table__
+
 MAX_BATCH = 500
 
 
@@ -168,8 +170,8 @@ class Enroller:
             for attempt in batch:
                 await self._one(attempt)
             return
-        for course_id in now_full:
-            service.mark_sold_out(course_id, generations[course_id])
+        for course_id, course in now_full.items():
+            service.mark_sold_out(course_id, generations[course_id], course)
         for attempt, answer in zip(batch, answers, strict=True):
             if attempt.future.done():
                 continue
@@ -216,36 +218,43 @@ async def sold_out_answers(
     keys = list({(a.claim.client, a.claim.key) for a in batch})
     student_ids = list({a.data.student_id for a in batch})
     course_ids = list({a.data.course_id for a in batch})
+    clock = time.monotonic()
     async with db.read() as session:
+        conn = await session.connection()
         stored_rows = {
             (row["client"], row["key"]): row
             for row in (
-                await session.execute(select(k).where(tuple_(k.c.client, k.c.key).in_(keys)))
+                await conn.execute(select(k).where(tuple_(k.c.client, k.c.key).in_(keys)))
             ).mappings()
         }
         students: dict[str, Any] = {}
         guardians: dict[str, set[str]] = {}
-        for row in await session.execute(
+        for row in await conn.execute(
             select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
             .join(g, g.c.student_id == s.c.id)
             .where(s.c.id.in_(student_ids))
         ):
             students[row.id] = row
             guardians.setdefault(row.id, set()).add(row.guardian_id)
-        courses = {
-            row.id: row
-            for row in await session.execute(
-                select(
-                    Course.id,
-                    Course.school_id,
-                    Course.status,
-                    Plan.window_opens_at,
-                    Plan.window_closes_at,
+        # The course (school, status, window) as the decision that marked it
+        # full read it: trusted as long as the mark (service.SOLD_OUT_TTL).
+        courses = {cid: service.sold_out_course(cid, clock) for cid in course_ids}
+        unknown = [cid for cid, course in courses.items() if course is None]
+        if unknown:
+            courses.update(
+                (row.id, row)
+                for row in await conn.execute(
+                    select(
+                        Course.id,
+                        Course.school_id,
+                        Course.status,
+                        Plan.window_opens_at,
+                        Plan.window_closes_at,
+                    )
+                    .join(Plan, Plan.id == Course.plan_id)
+                    .where(Course.id.in_(unknown))
                 )
-                .join(Plan, Plan.id == Course.plan_id)
-                .where(Course.id.in_(course_ids))
             )
-        }
     now = utcnow()
     answers: list[Response | BaseException | None] = []
     for a in batch:
@@ -287,9 +296,10 @@ class _Seats:
 
 async def decide(
     db: Database, batch: Sequence[Attempt]
-) -> tuple[list[Response | BaseException], set[str]]:
+) -> tuple[list[Response | BaseException], dict[str, Any]]:
     """Decide a batch of attempts (any courses) in one transaction; returns
-    each attempt's answer and the first-come courses full afterwards."""
+    each attempt's answer and the first-come courses full afterwards (with
+    their rows as read: school, status, window)."""
     answers: list[Response | BaseException | None] = [None] * len(batch)
     keyed: dict[tuple[str, str], int] = {}  # (client, key) -> first attempt index
     fresh: list[int] = []
@@ -301,11 +311,14 @@ async def decide(
     s, g = roster.students, roster.guardianships
     now = utcnow()
     async with db.transaction() as session:
+        # Core statements on the session's connection: the ORM's unit of work
+        # and its per-statement plugin are not needed on this path.
+        conn = await session.connection()
         # 1. Keys this batch does not own: replays and refusals, written nowhere.
         existing = {
             (row["client"], row["key"]): row
             for row in (
-                await session.execute(
+                await conn.execute(
                     select(idempotency_table).where(
                         tuple_(idempotency_table.c.client, idempotency_table.c.key).in_(list(keyed))
                     )
@@ -337,7 +350,7 @@ async def decide(
         guardians: dict[str, set[str]] = {}
         if student_ids:
             for row in (
-                await session.execute(
+                await conn.execute(
                     select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
                     .join(g, g.c.student_id == s.c.id)
                     .where(s.c.id.in_(student_ids))
@@ -351,7 +364,7 @@ async def decide(
         courses = {
             row.id: row
             for row in (
-                await session.execute(
+                await conn.execute(
                     select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
                     .join(Plan, Plan.id == Course.plan_id)
                     .where(Course.id.in_(course_ids))
@@ -367,7 +380,7 @@ async def decide(
         }
         mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
         if student_ids:
-            for row in await session.execute(
+            for row in await conn.execute(
                 select(
                     Enrollment.id,
                     Enrollment.course_id,
@@ -490,24 +503,26 @@ async def decide(
         for course_id, left in seats.items():
             if not (left.taken or left.queued):
                 continue
-            done = await session.execute(
-                update(Course)
-                .where(Course.id == course_id, Course.seats_taken + left.taken <= Course.capacity)
-                .values(
-                    seats_taken=Course.seats_taken + left.taken,
-                    waitlist_seq=Course.waitlist_seq + left.queued,
+            done = await conn.execute(
+                update(courses_table)
+                .where(
+                    courses_table.c.id == course_id,
+                    courses_table.c.seats_taken + left.taken <= courses_table.c.capacity,
                 )
-                .execution_options(synchronize_session=False)
+                .values(
+                    seats_taken=courses_table.c.seats_taken + left.taken,
+                    waitlist_seq=courses_table.c.waitlist_seq + left.queued,
+                )
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise BatchLost
         if rows:
-            await session.execute(Enrollment.__table__.insert(), rows)
+            await conn.execute(Enrollment.__table__.insert(), rows)
             await emit_many(session, events)
         if remembered:
             insert = sqlite_insert if db.is_sqlite else pg_insert
             inserted = (
-                await session.execute(
+                await conn.execute(
                     insert(idempotency_table)
                     .on_conflict_do_nothing()
                     .returning(idempotency_table.c.key),
@@ -546,7 +561,7 @@ async def decide(
         else:
             answers[i] = answer
     now_full = {
-        cid
+        cid: courses[cid]
         for cid, left in seats.items()
         if courses[cid].window_mode != "lottery" and left.taken >= left.free
     }

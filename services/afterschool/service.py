@@ -526,19 +526,25 @@ async def open_window(
         else:
             plan.lottery_seed = None
             plan.lottery_seed_hash = None
-        return plan_out(plan)
+        forget_sold_out()
+        out = plan_out(plan)
+    forget_sold_out()  # again after commit: no "full" remembered from the old window
+    return out
 
 
 # ----------------------------------------------------------------- enrollment
 
-#: Courses this process saw full: course id -> monotonic time it was seen.
+#: Courses this process saw full: course id -> (monotonic time it was seen,
+#: the course's row as that decision read it: school, status, window).
 #: Only answers "full" to parents who do not want the waitlist; cleared when
-#: this process frees a seat and trusted for SOLD_OUT_TTL seconds at most (a
-#: seat freed through another replica shows within that time).
-_sold_out: dict[str, float] = {}
+#: this process frees a seat, flags the course or changes a window, and
+#: trusted for SOLD_OUT_TTL seconds at most (a seat freed, a course flagged or
+#: a window changed through another replica shows within that time).
+_sold_out: dict[str, tuple[float, Any]] = {}
 #: Bumped whenever this process frees a seat of the course: a decision that
 #: read the course before the bump may not mark it full afterwards.
 _freed: dict[str, int] = {}
+_epoch = [0]  # bumped when every mark is dropped (a window changed)
 SOLD_OUT_TTL = 1.0
 
 
@@ -547,18 +553,30 @@ def seat_freed(course_id: str) -> None:
     _sold_out.pop(course_id, None)
 
 
-def sold_out_generation(course_id: str) -> int:
-    return _freed.get(course_id, 0)
+def forget_sold_out() -> None:
+    """Drop every mark (and let no decision read before now set one again)."""
+    _epoch[0] += 1
+    _sold_out.clear()
 
 
-def mark_sold_out(course_id: str, generation: int) -> None:
-    if _freed.get(course_id, 0) == generation:
-        _sold_out[course_id] = time.monotonic()
+def sold_out_generation(course_id: str) -> tuple[int, int]:
+    return _epoch[0], _freed.get(course_id, 0)
+
+
+def mark_sold_out(course_id: str, generation: tuple[int, int], course: Any = None) -> None:
+    if sold_out_generation(course_id) == generation:
+        _sold_out[course_id] = (time.monotonic(), course)
 
 
 def is_sold_out(course_id: str, now: float) -> bool:
     seen = _sold_out.get(course_id)
-    return seen is not None and now - seen < SOLD_OUT_TTL
+    return seen is not None and now - seen[0] < SOLD_OUT_TTL
+
+
+def sold_out_course(course_id: str, now: float) -> Any:
+    """The course row stored with a mark still trusted (None otherwise)."""
+    seen = _sold_out.get(course_id)
+    return seen[1] if seen is not None and now - seen[0] < SOLD_OUT_TTL else None
 
 
 def enrollment_out(e: Enrollment) -> schemas.EnrollmentOut:
