@@ -127,6 +127,12 @@ async def open_loop(
     return results, time.perf_counter() - start
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def check(db: Any, course_ids: list[str]) -> str:
     async with db.read() as session:
         taken = (
@@ -442,17 +448,25 @@ async def bench(args: argparse.Namespace) -> None:
         await helpers.open_window(client, admin, plan["id"])
         await client.aclose()
         tokens = [helpers.parent_token(mint, school, i) for i in range(total)]
-        connector = aiohttp.TCPConnector(limit=0)
+        # Idle connections dropped before the servers' keep-alive (5 s) does.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
         session = aiohttp.ClientSession(connector=connector)
 
         async def post(base: str, i: int, course_id: str, key: str, waitlist: bool) -> int:
-            async with session.post(
-                f"{base}/enrollments" + ("" if waitlist else "?waitlist=false"),
-                json={"student_id": school.students[i], "course_id": course_id, "consent": True},
-                headers={"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": key},
-            ) as r:
-                await r.read()
-                return r.status
+            try:
+                async with session.post(
+                    f"{base}/enrollments" + ("" if waitlist else "?waitlist=false"),
+                    json={
+                        "student_id": school.students[i],
+                        "course_id": course_id,
+                        "consent": True,
+                    },
+                    headers={"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": key},
+                ) as r:
+                    await r.read()
+                    return r.status
+            except aiohttp.ClientError:
+                return 0  # no answer (shown as 0 among the answers)
 
         def tap(base: str, course_of: Callable[[int], str], offset: int = 0, waitlist: bool = True):
             async def one(i: int) -> tuple[int, float]:
@@ -510,11 +524,23 @@ async def bench(args: argparse.Namespace) -> None:
             )
             report_open(label, rate, results, elapsed, 409)
 
+        pids = {"service": children[0].pid, "gateway": children[1].pid}
+
+        def cpu_line(what: str, before: dict[str, float], count: int, names: list[str]) -> None:
+            per = ", ".join(
+                f"{name} {(cpu_seconds(pids[name]) - before[name]) / count * 1000:.2f}"
+                for name in names
+            )
+            line(f"CPU ms per {what} ({'+'.join(names)})", per)
+
         async def rush(path: str, base: str, where: str, offset: int) -> float:
             """One path: closed-loop peak, then open-loop latency at the target
             rate and at the peak if lower; sold-out answers likewise."""
             first, second, third = (x["id"] for x in hot[path])
+            names = ["service", "gateway"] if path == "g" else ["service"]
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             elapsed, results = await run_load(n, c, tap(base, lambda i: first, offset=offset))
+            cpu_after = {name: cpu_seconds(pid) for name, pid in pids.items()}
             codes = sorted({code for code, _ in results})
             rate = len(results) / elapsed
             lat = [t * 1000 for _, t in results]
@@ -525,11 +551,14 @@ async def bench(args: argparse.Namespace) -> None:
             line("enrollments/s", f"{rate:,.0f}", ">= 1,000 (PostgreSQL)", rate >= 1000)
             line("latency p50 ms (closed loop)", f"{statistics.median(lat):.1f}")
             line("latency p99 ms (closed loop)", f"{pct(lat, 99):.1f}")
+            spent = {k: before[k] + cpu_seconds(pids[k]) - cpu_after[k] for k in before}
+            cpu_line("enrollment", spent, len(results), names)
             print("  " + await check(db, [first]))
             await open_enrollments(f"({path}2) {where}: a fresh hot course", base, target, second)
             if rate < target:
                 await open_enrollments(f"({path}3) {where}: a fresh hot course", base, rate, third)
             # Sold out: the first hot course is full; no-waitlist askers.
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             took, sold = await run_load(
                 extra, c, tap(base, lambda i: first, offset=askers, waitlist=False)
             )
@@ -540,6 +569,7 @@ async def bench(args: argparse.Namespace) -> None:
                 f" {c}: {len(full)} of {len(sold)} told 'full'"
             )
             line("answers/s", f"{sold_rate:,.0f}")
+            cpu_line("answer", before, len(sold), names)
             await open_sold_out(f"({path}5) {where}: sold out", base, target, first)
             if sold_rate < target:
                 await open_sold_out(f"({path}6) {where}: sold out", base, sold_rate, first)
@@ -580,7 +610,7 @@ async def bench(args: argparse.Namespace) -> None:
         elapsed, raw = await run_load(n, c, raw_one)
         raw_rate = n / elapsed
         lat = [t * 1000 for _, t in raw]
-        print("\n(d) raw SQL of one enrollment, one transaction per request (no batching),")
+        print("\n(r) raw SQL of one enrollment, one transaction per request (no batching),")
         print("    same database, pool of 10, same concurrency")
         line("transactions/s", f"{raw_rate:,.0f}")
         line("latency p99 ms", f"{pct(lat, 99):.1f}")

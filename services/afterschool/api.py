@@ -21,83 +21,8 @@ from services.afterschool import operations, rush, schemas, service
 router = APIRouter()
 
 
-# ------------------------------------------------------------ AS-01 plans
-
-
-@router.post(
-    "/schools/{school_id}/plans",
-    status_code=201,
-    summary="制定学期课后服务方案（一校一案，AS-01）",
-    tags=["方案与课程"],
-)
-async def create_plan(
-    school_id: str,
-    data: schemas.PlanIn,
-    principal: CurrentPrincipal,
-    db: DB,
-    policies: Policies,
-) -> schemas.PlanOut:
-    return await service.create_plan(db, policies, principal, school_id, data)
-
-
-@router.get("/schools/{school_id}/plans", summary="学校的课后服务方案", tags=["方案与课程"])
-async def list_plans(school_id: str, principal: CurrentPrincipal, db: DB) -> list[schemas.PlanOut]:
-    return await service.list_plans(db, principal, school_id)
-
-
-@router.get("/plans/{plan_id}", summary="课后服务方案", tags=["方案与课程"])
-async def get_plan(plan_id: str, principal: CurrentPrincipal, db: DB) -> schemas.PlanOut:
-    async with db.read() as session:
-        return service.plan_out(await service.load_plan(session, principal, plan_id))
-
-
-# ------------------------------------------------------- AS-02/03 menu
-
-
-@router.post(
-    "/plans/{plan_id}/courses",
-    status_code=201,
-    summary="在课程菜单中增加课程（AS-02, AS-03, AS-05）",
-    tags=["方案与课程"],
-)
-async def add_course(
-    plan_id: str,
-    data: schemas.CourseIn,
-    principal: CurrentPrincipal,
-    db: DB,
-    policies: Policies,
-) -> schemas.CourseOut:
-    return await service.add_course(db, policies, principal, plan_id, data)
-
-
-@router.get("/plans/{plan_id}/courses", summary="课程菜单", tags=["方案与课程"])
-async def list_courses(
-    plan_id: str, principal: CurrentPrincipal, db: DB
-) -> list[schemas.CourseOut]:
-    return await service.list_courses(db, principal, plan_id)
-
-
-@router.get("/courses/{course_id}", summary="课程（含余位）", tags=["方案与课程"])
-async def get_course(course_id: str, principal: CurrentPrincipal, db: DB) -> schemas.CourseOut:
-    return await service.get_course(db, principal, course_id)
-
-
-# ---------------------------------------------------- AS-04 enrollment
-
-
-@router.put(
-    "/plans/{plan_id}/window",
-    summary="设置报名窗口：先到先得或抽签（AS-04）",
-    tags=["报名"],
-)
-async def open_window(
-    plan_id: str,
-    data: schemas.WindowIn,
-    principal: CurrentPrincipal,
-    db: DB,
-    policies: Policies,
-) -> schemas.PlanOut:
-    return await service.open_window(db, policies, principal, plan_id, data)
+# ------------------------------------------- AS-04 enrollment (the rush)
+# First in the router: the busiest route is matched first.
 
 
 async def _enroll_lean(request: Request) -> Response:
@@ -186,6 +111,85 @@ def _enroller(ctx: ServiceContext) -> rush.Enroller:
         enroller = ctx.extras["enroller"] = rush.Enroller(ctx.db, gate)
     assert isinstance(enroller, rush.Enroller)
     return enroller
+
+
+# ------------------------------------------------------------ AS-01 plans
+
+
+@router.post(
+    "/schools/{school_id}/plans",
+    status_code=201,
+    summary="制定学期课后服务方案（一校一案，AS-01）",
+    tags=["方案与课程"],
+)
+async def create_plan(
+    school_id: str,
+    data: schemas.PlanIn,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+) -> schemas.PlanOut:
+    return await service.create_plan(db, policies, principal, school_id, data)
+
+
+@router.get("/schools/{school_id}/plans", summary="学校的课后服务方案", tags=["方案与课程"])
+async def list_plans(school_id: str, principal: CurrentPrincipal, db: DB) -> list[schemas.PlanOut]:
+    return await service.list_plans(db, principal, school_id)
+
+
+@router.get("/plans/{plan_id}", summary="课后服务方案", tags=["方案与课程"])
+async def get_plan(plan_id: str, principal: CurrentPrincipal, db: DB) -> schemas.PlanOut:
+    async with db.read() as session:
+        return service.plan_out(await service.load_plan(session, principal, plan_id))
+
+
+# ------------------------------------------------------- AS-02/03 menu
+
+
+@router.post(
+    "/plans/{plan_id}/courses",
+    status_code=201,
+    summary="在课程菜单中增加课程（AS-02, AS-03, AS-05）",
+    tags=["方案与课程"],
+)
+async def add_course(
+    plan_id: str,
+    data: schemas.CourseIn,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+) -> schemas.CourseOut:
+    return await service.add_course(db, policies, principal, plan_id, data)
+
+
+@router.get("/plans/{plan_id}/courses", summary="课程菜单", tags=["方案与课程"])
+async def list_courses(
+    plan_id: str, principal: CurrentPrincipal, db: DB
+) -> list[schemas.CourseOut]:
+    return await service.list_courses(db, principal, plan_id)
+
+
+@router.get("/courses/{course_id}", summary="课程（含余位）", tags=["方案与课程"])
+async def get_course(course_id: str, principal: CurrentPrincipal, db: DB) -> schemas.CourseOut:
+    return await service.get_course(db, principal, course_id)
+
+
+# ---------------------------------------------------- AS-04 enrollment
+
+
+@router.put(
+    "/plans/{plan_id}/window",
+    summary="设置报名窗口：先到先得或抽签（AS-04）",
+    tags=["报名"],
+)
+async def open_window(
+    plan_id: str,
+    data: schemas.WindowIn,
+    principal: CurrentPrincipal,
+    db: DB,
+    policies: Policies,
+) -> schemas.PlanOut:
+    return await service.open_window(db, policies, principal, plan_id, data)
 
 
 @router.post(
