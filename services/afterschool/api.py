@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chassis import idempotency
 from chassis.app import DB, Ctx, Policies, ServiceContext
@@ -31,7 +32,8 @@ async def _enroll_lean(request: Request) -> Response:
     body), without its per-request dependency solving — one token check
     (cached), one Pydantic parse of the body — then the rush queue."""
     principal = await current_principal(request, None)
-    raw_waitlist = request.query_params.get("waitlist")
+    # (Starlette's query_params parses through urllib: skipped when empty.)
+    raw_waitlist = request.query_params.get("waitlist") if request.scope["query_string"] else None
     waitlist = True
     errors: list[dict[str, Any]] = []
     if raw_waitlist is not None:
@@ -61,6 +63,48 @@ _FLAGS = {
     "true": True, "1": True, "yes": True, "on": True, "t": True, "y": True,
     "false": False, "0": False, "no": False, "off": False, "f": False, "n": False,
 }  # fmt: skip
+
+
+class EnrollFastPath:
+    """Innermost middleware (inside the chassis's request id, metrics and
+    access log): POST /enrollments goes straight to ``_enroll_lean``, past
+    FastAPI's exception middleware, exit stacks and router — a fifth of the
+    CPU of a rush request. Errors become the same answers: the app's own
+    exception handlers (problem+json) are looked up by class, as Starlette's
+    ExceptionMiddleware does; anything unhandled goes on to the server-error
+    handler (a 500 problem). Any other request passes through."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["path"] != "/enrollments"
+            or scope["method"] != "POST"
+            or scope.get("root_path")
+        ):
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = _ENROLL_ROUTE  # the metrics' route label
+        request = Request(scope, receive, send)
+        try:
+            response = await _enroll_lean(request)
+        except Exception as exc:
+            handler = _handler_for(scope["app"].exception_handlers, exc)
+            if handler is None:
+                raise
+            response = await handler(request, exc)
+        await response(scope, receive, send)
+
+
+def _handler_for(handlers: dict[Any, Any], exc: Exception) -> Any:
+    for cls in type(exc).__mro__:
+        if cls is Exception:
+            return None  # the server-error middleware's (500)
+        if cls in handlers:
+            return handlers[cls]
+    return None
 
 
 class _LeanEnrollRoute(APIRoute):
@@ -99,6 +143,7 @@ router.add_api_route(
     response_model=schemas.EnrollmentOut,
     route_class_override=_LeanEnrollRoute,
 )
+_ENROLL_ROUTE = router.routes[-1]
 
 
 def _enroller(ctx: ServiceContext) -> rush.Enroller:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
 from chassis.app import ServiceSpec, create_service_app
-from services.afterschool.api import router
+from services.afterschool.api import EnrollFastPath, router
 from services.afterschool.consumers import (
     afterschool_roster_subscription,
     institutions_subscription,
@@ -26,4 +27,7 @@ SPEC = ServiceSpec(
 
 
 def create_app(**kwargs: object) -> FastAPI:
-    return create_service_app(SPEC, **kwargs)  # type: ignore[arg-type]
+    app = create_service_app(SPEC, **kwargs)  # type: ignore[arg-type]
+    # Innermost: inside the chassis's request-context middleware (added first).
+    app.user_middleware.append(Middleware(EnrollFastPath))
+    return app

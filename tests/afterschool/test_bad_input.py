@@ -150,6 +150,10 @@ async def test_x03_enrollment_route_refuses_bad_input_field_by_field(start_servi
         headers={"Idempotency-Key": uid()},
     )
     assert r.status_code == 401
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.headers["x-request-id"]  # still inside the chassis's request context
+    metrics = (await svc.client.get("/metrics")).text
+    assert 'route="/enrollments",service="afterschool",status="422"' in metrics
     r = await svc.client.get("/openapi.json")
     operation = r.json()["paths"]["/enrollments"]["post"]
     assert "201" in operation["responses"]
