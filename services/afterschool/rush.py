@@ -21,11 +21,15 @@ crashes stay correct.
 
 Sold out: once this process has seen a first-come course full, parents who
 do not want the waitlist are answered together from one read (the keys'
-stored answers, their own children, the course's window) instead of a write
-transaction: "full", written nowhere, or the key's stored answer. The mark is
-dropped when this process frees a seat (after its commit) and trusted for
-``service.SOLD_OUT_TTL`` seconds at most, so a seat freed through another
-replica shows within that time.
+stored answers and their own children; the course's school, status and window
+come from memory, kept with the mark) instead of a write transaction: "full",
+written nowhere, or the key's stored answer. The mark is dropped when this
+process frees a seat (after its commit), flags the course or changes a window,
+and trusted for ``service.SOLD_OUT_TTL`` seconds at most, so a change made
+through another replica shows within that time.
+
+The batch runs Core statements on its session's connection (no ORM unit of
+work or statement plugin here).
 """
 
 from __future__ import annotations
