@@ -293,3 +293,82 @@ async def test_as03_external_share_capped_at_profile_share(svc, mint):
     r = await svc.client.post(f"/plans/{plan['id']}/courses", json=external(3), headers=auth(token))
     assert r.status_code == 422  # 4/11 > 30 %
     assert r.json()["rule"] == "AS-03" and r.json()["external"] == 4 and r.json()["total"] == 11
+
+
+async def test_as03_course_flagged_while_sold_out_is_not_answered_full_from_memory(
+    svc, mint, monkeypatch
+):
+    """A sold-out course's no-waitlist askers are answered from memory (the
+    course's status kept with the "full" mark, services/afterschool/rush.py);
+    a revocation flagging the course drops the mark, so the next parent is
+    told the course is suspended (AS-03), not that it is full — with the
+    mark trusted far longer than the test takes, so only the drop explains it."""
+    from services.afterschool import rush, service
+
+    monkeypatch.setattr(service, "SOLD_OUT_TTL", 600.0)
+    school = await seed_school(svc.ctx.db, students=3)
+    token = admin_token(mint, school)
+    institution_id = str(uuid.uuid4())
+    await publish(
+        svc, facts(inst.LicenceGranted, institution_id, status="licensed", can_enroll=True)
+    )
+    plan = await make_plan(svc.client, token, school)
+    for i in range(3):
+        await add_course(
+            svc.client,
+            token,
+            plan["id"],
+            course_body(school, name=f"作业辅导{i}", kind="homework_guidance"),
+        )
+
+    async def course_added():
+        r = await svc.client.post(
+            f"/plans/{plan['id']}/courses",
+            json=course_body(
+                school,
+                name="足球",
+                provider_type="institution",
+                provider_name="金华青少年体育俱乐部",
+                institution_id=institution_id,
+                teacher_id=None,
+                start="16:30",
+                end="17:30",
+                capacity=1,
+            ),
+            headers=auth(token),
+        )
+        return r.json() if r.status_code == 201 else None
+
+    course = await eventually(course_added)
+    await open_window(svc.client, token, plan["id"])
+    tokens = [parent_token(mint, school, i) for i in range(3)]
+    r = await enroll(svc.client, tokens[0], school.students[0], course["id"])
+    assert r.status_code == 201 and r.json()["status"] == "held"
+    r = await enroll(svc.client, tokens[1], school.students[1], course["id"], waitlist=False)
+    assert r.status_code == 409 and r.json()["full"] is True
+    assert rush.sold_out_now(course["id"])
+    r = await enroll(svc.client, tokens[2], school.students[2], course["id"], waitlist=False)
+    assert r.status_code == 409 and r.json()["full"] is True  # answered from the mark
+
+    await publish(
+        svc,
+        facts(
+            inst.LicenceRevoked,
+            institution_id,
+            status="revoked",
+            can_enroll=False,
+            previous_status="licensed",
+            reason="违规开展学科类培训",
+        ),
+    )
+
+    async def flagged():
+        async with svc.ctx.db.read() as session:
+            c = await session.get(Course, course["id"])
+            return c.status == "flagged"
+
+    await eventually(flagged)
+    assert not rush.sold_out_now(course["id"])
+    r = await enroll(svc.client, tokens[2], school.students[2], course["id"], waitlist=False)
+    assert r.status_code == 409 and r.json()["rule"] == "AS-03"
+    assert not r.json().get("full")
