@@ -11,15 +11,19 @@ JetStream server and the funds service, served as ``shuangjian serve funds``
 serves it (uvicorn, its full lifespan: migrations, outbox relay, consumers,
 the periodic sweep), verifying tokens against the bench's JWKS file (no
 identity service here). The database is a SQLite file in a temporary
-directory, or the PostgreSQL database named by BENCH_DATABASE_URL (a scratch
-database: the service migrates it; the benchmark adds its own rows and a
-``bench_raw_*`` pair of tables). This process prepares the data (licensed
+directory, or a fresh PostgreSQL database created next to the one named by
+BENCH_DATABASE_URL (on the same server, with that URL's credentials; dropped
+afterwards), so every run starts from an empty journal and the service's
+start-up sweep has nothing to scan; the raw SQL baseline writes a
+``bench_raw_*`` pair of tables there. This process prepares the data (licensed
 institution, open escrow account, paid contracts through the service's use
 cases; the lessons inserted in bulk as ``report_lesson`` leaves them, which
-is set-up, not measured) and is the load generator: one aiohttp session,
+is set-up, not measured) and is the load generator: one aiohttp session per
+phase (fresh connections),
 every request with the parent's access token and an Idempotency-Key.
 
-Each of ``--rounds`` rounds measures, in this order:
+After a short warm-up (not measured), each of ``--rounds`` rounds measures,
+in this order:
 
 (a) single requests: ``POST /lessons/{id}/answer`` (one lesson confirmed →
     one journal transaction released from the contract's escrow), ``--single``
@@ -410,15 +414,20 @@ class Phase:
         self,
         db: Database,
         pid: int,
-        session: aiohttp.ClientSession,
+        base: str,
         requests: list[tuple[str, bytes, dict[str, str]]],
         clients: int,
     ) -> tuple[int, float]:
         seq0 = await head(db)
-        cpu_s, cpu_l = cpu_seconds(pid), cpu_seconds()
-        began = time.perf_counter()
-        await post_all(session, requests, clients)
-        elapsed = time.perf_counter() - began
+        # Fresh connections: idle ones may have been closed by the server's
+        # keep-alive timeout while this process prepared or ran raw SQL.
+        async with aiohttp.ClientSession(
+            base_url=base, connector=aiohttp.TCPConnector(limit=0)
+        ) as session:
+            cpu_s, cpu_l = cpu_seconds(pid), cpu_seconds()
+            began = time.perf_counter()
+            await post_all(session, requests, clients)
+            elapsed = time.perf_counter() - began
         cpu_s, cpu_l = cpu_seconds(pid) - cpu_s, cpu_seconds() - cpu_l
         postings = await head(db) - seq0
         self.rates.append(postings / elapsed)
@@ -429,9 +438,37 @@ class Phase:
         return postings, elapsed
 
 
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def create_pg_database(url: str) -> str:
+    """A fresh database on the server of ``url``; its SQLAlchemy URL."""
+    import asyncpg
+
+    name = f"bench_funds_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{url.rsplit('/', 1)[0]}/{name}"
+
+
+async def drop_pg_database(url: str, scratch: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{scratch.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
 def start_service(
     env: dict[str, str], port: int, jwks_file: Path, stats_file: Path
 ) -> subprocess.Popen[bytes]:
+    log = (jwks_file.parent / "service.log").open("wb")  # its warnings, if any
     return subprocess.Popen(
         [
             sys.executable,
@@ -443,8 +480,8 @@ def start_service(
         ],
         env=env,
         cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=(jwks_file.parent / "service.log").open("wb"),  # its warnings, if any
+        stdout=log,
+        stderr=log,
     )
 
 
@@ -452,7 +489,9 @@ async def run(args: argparse.Namespace) -> None:
     logging.disable(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="bench-funds-"))
     nats = EmbeddedNats(tmp / "nats").start()
-    url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{tmp / 'funds.sqlite3'}"
+    given = os.environ.get("BENCH_DATABASE_URL")
+    scratch = await create_pg_database(given) if given else None
+    url = scratch or f"sqlite+aiosqlite:///{tmp / 'funds.sqlite3'}"
     key = SigningKey.load_or_create(tmp / "key.pem")
     issuer = TokenIssuer([key], issuer=ISSUER, audience=AUDIENCE)
     jwks_file = tmp / "jwks.json"
@@ -494,6 +533,7 @@ async def run(args: argparse.Namespace) -> None:
                 f"contracts of {LESSONS} lessons …",
                 flush=True,
             )
+            gw, warm_lessons = await prepare(db, policies, 3, f"w{tag}")
             rounds = []
             for r in range(args.rounds):
                 g1, single_lessons = await prepare(db, policies, per_round_single, f"s{r}{tag}")
@@ -507,19 +547,42 @@ async def run(args: argparse.Namespace) -> None:
                 return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
             confirm = json.dumps({"confirm": True}).encode()
+            # Warm-up, not measured: connections, statement caches, the first
+            # groups (one contract's lessons singly, one batch of two).
+            hw = headers_of(gw)
+            async with aiohttp.ClientSession(base_url=base) as warm:
+                await post_all(
+                    warm,
+                    [
+                        (f"/lessons/{lid}/answer", confirm, {**hw, "Idempotency-Key": lid})
+                        for lid in warm_lessons[0]
+                    ],
+                    args.concurrency,
+                )
+                await post_all(
+                    warm,
+                    [
+                        (
+                            "/lessons/confirmations",
+                            json.dumps({"lesson_ids": warm_lessons[1] + warm_lessons[2]}).encode(),
+                            {**hw, "Idempotency-Key": f"warm-{tag}"},
+                        )
+                    ],
+                    1,
+                )
             raw_start = 1
             for r, (g1, single_lessons, g2, batch_lessons) in enumerate(rounds, 1):
                 h1 = headers_of(g1)
                 ids = [lid for ids in single_lessons for lid in ids][: args.single]
                 reqs = [
-                    (f"{base}/lessons/{lid}/answer", confirm, {**h1, "Idempotency-Key": lid})
+                    (f"/lessons/{lid}/answer", confirm, {**h1, "Idempotency-Key": lid})
                     for lid in ids
                 ]
-                n1, s1 = await single.measure(db, child.pid, session, reqs, args.concurrency)
+                n1, s1 = await single.measure(db, child.pid, base, reqs, args.concurrency)
                 h2 = headers_of(g2)
                 reqs = [
                     (
-                        f"{base}/lessons/confirmations",
+                        "/lessons/confirmations",
                         json.dumps(
                             {"lesson_ids": batch_lessons[2 * b] + batch_lessons[2 * b + 1]}
                         ).encode(),
@@ -527,7 +590,7 @@ async def run(args: argparse.Namespace) -> None:
                     )
                     for b in range(args.batches)
                 ]
-                n2, s2 = await batched.measure(db, child.pid, session, reqs, args.batch_clients)
+                n2, s2 = await batched.measure(db, child.pid, base, reqs, args.batch_clients)
                 single.raw.append(await raw_rate(db, n1, 1, raw_start))
                 raw_start += n1
                 batched.raw.append(await raw_rate(db, n2, batched.per_request, raw_start))
@@ -561,6 +624,8 @@ async def run(args: argparse.Namespace) -> None:
         nats.stop()
         if db is not None:
             await db.dispose()
+        if given and scratch:
+            await drop_pg_database(given, scratch)
 
     def verdict(value: float, target: float) -> str:
         return "PASS" if value >= target else "FAIL"

@@ -700,7 +700,7 @@ async def confirm_lessons(
         lessons = await service.answer_lessons(
             session, ctx.policies, principal, body.lesson_ids, today
         )
-        return schemas.LessonList([schemas.LessonOut.model_validate(x) for x in lessons])
+        return schemas.LessonList.model_validate(lessons)  # one call for the whole list
 
     return await _money(ctx, request, principal, work)
 

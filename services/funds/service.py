@@ -14,10 +14,12 @@ import datetime as dt
 import io
 import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import String, any_, bindparam, func, literal, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -1006,6 +1008,53 @@ LESSON_COLUMNS = (
 )
 
 
+# The contract columns the batched confirmation reads (and partly writes back).
+PROGRESS_COLUMNS = (
+    Contract.id,
+    Contract.institution_id,
+    Contract.account_id,
+    Contract.region_id,
+    Contract.guardian_id,
+    Contract.lessons,
+    Contract.price_per_lesson_fen,
+    Contract.total_fen,
+    Contract.status,
+    Contract.reported_lessons,
+    Contract.confirmed_lessons,
+    Contract.released_lessons,
+    Contract.refunded_lessons,
+    Contract.released_gross_fen,
+)
+_contracts = Contract.__table__
+_WRITE_PROGRESS = (
+    _contracts.update()
+    .where(_contracts.c.id == bindparam("p_id"))
+    .values(
+        status=bindparam("p_status"),
+        reported_lessons=bindparam("p_reported"),
+        confirmed_lessons=bindparam("p_confirmed"),
+        released_lessons=bindparam("p_released"),
+        released_gross_fen=bindparam("p_gross"),
+        updated_at=bindparam("p_at"),
+    )
+)
+
+
+def _among(session: AsyncSession, column: Any, values: list[str]) -> Any:
+    """``column IN (values)``; on PostgreSQL one array parameter (``= ANY``)
+    instead of one bind per value (no per-call expansion of the statement)."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return column == any_(literal(values, ARRAY(String)))
+    return column.in_(values)
+
+
+def _expire(session: AsyncSession, model: Any, ids: Any) -> None:
+    """Rows changed with Core statements: forget any ORM copy this session holds."""
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, model) and obj.id in ids:
+            session.expire(obj)
+
+
 async def answer_lessons(
     session: AsyncSession,
     policies: PolicyRegistry,
@@ -1020,45 +1069,73 @@ async def answer_lessons(
     Core statements (one UPDATE per contract), not loaded as ORM objects.
     Returns the answered lessons as dicts (the fields of ``LessonOut``)."""
     wanted = sorted(set(lesson_ids))
-    contract_of = {
-        lesson_id: contract_id
-        for lesson_id, contract_id in (
+    contract_of = dict(
+        (
             await session.execute(
-                select(Lesson.id, Lesson.contract_id).where(Lesson.id.in_(wanted))
+                select(Lesson.id, Lesson.contract_id).where(_among(session, Lesson.id, wanted))
             )
         ).all()
-    }
+    )
     if len(contract_of) != len(wanted):
         raise not_found("课次不存在。")
-    by_contract: dict[str, list[str]] = {}
-    for lesson_id, contract_id in contract_of.items():
-        by_contract.setdefault(contract_id, []).append(lesson_id)
+    contract_ids = sorted(set(contract_of.values()))
+    # Locks in the order every use case takes them: the contracts (by id),
+    # then their lessons, then the escrow accounts (shared) — one statement
+    # each. The contracts are read as plain rows (no ORM objects: their
+    # progress is written back in one statement below).
+    contracts = {
+        row.id: SimpleNamespace(**row._asdict())
+        for row in await session.execute(
+            select(*PROGRESS_COLUMNS)
+            .where(_among(session, Contract.id, contract_ids))
+            .order_by(Contract.id)
+            .with_for_update()
+        )
+    }
+    if principal is not None and any(
+        principal.person_id != c.guardian_id for c in contracts.values()
+    ):
+        raise not_found("课次不存在。")
+    rows_of: dict[str, list[Any]] = {contract_id: [] for contract_id in contract_ids}
+    for row in (
+        await session.execute(
+            select(*LESSON_COLUMNS)
+            .where(_among(session, Lesson.id, wanted))
+            .order_by(Lesson.contract_id, Lesson.seq)
+            .with_for_update()
+        )
+    ).mappings():
+        rows_of[row["contract_id"]].append(row)
+    account_ids = sorted({c.account_id for c in contracts.values()})
+    state_of = dict(
+        (
+            await session.execute(
+                select(EscrowAccount.id, EscrowAccount.state)
+                .where(EscrowAccount.id.in_(account_ids))
+                .order_by(EscrowAccount.id)
+                .with_for_update(read=True)
+            )
+        ).all()
+    )
+    accounts = {a: SimpleNamespace(state=state) for a, state in state_of.items()}
+    bal = await ledger.cached_balances(
+        session, [code for c in contract_ids for code in (ledger.escrow(c), ledger.reserve(c))]
+    )
     status = "confirmed" if principal is not None else "auto_confirmed"
     now = utcnow()
+    policy_of: dict[str, FundsPolicy] = {}
     postings: list[Posting] = []
-    touched: list[Contract] = []
     answered: list[dict[str, Any]] = []
-    lessons_table = Lesson.__table__
-    for contract_id in sorted(by_contract):
-        contract = await _lock_contract(session, contract_id)
-        assert contract is not None
-        if principal is not None and principal.person_id != contract.guardian_id:
-            raise not_found("课次不存在。")
-        rows = (
-            (
-                await session.execute(
-                    select(*LESSON_COLUMNS)
-                    .where(Lesson.id.in_(by_contract[contract_id]))
-                    .order_by(Lesson.seq)
-                    .with_for_update()
-                )
+    released_ids: dict[bool, list[str]] = {True: [], False: []}
+    for contract_id in contract_ids:
+        contract = contracts[contract_id]
+        if contract.region_id not in policy_of:
+            policy_of[contract.region_id] = await funds_policy(
+                session, policies, contract.region_id, today
             )
-            .mappings()
-            .all()
-        )
-        account = await _account_shared(session, contract.account_id)
-        policy = await funds_policy(session, policies, contract.region_id, today)
-        bal = await _contract_balances(session, contract)
+        policy = policy_of[contract.region_id]
+        account = accounts[contract.account_id]
+        rows = rows_of[contract_id]
         for row in rows:
             if row["status"] != "reported":
                 raise conflict(
@@ -1068,18 +1145,46 @@ async def answer_lessons(
             contract.confirmed_lessons += 1
             postings += _settle_postings(contract, account, policy, bal)
         released = contract.released_lessons == contract.confirmed_lessons
-        await session.execute(
-            lessons_table.update()
-            .where(lessons_table.c.id.in_([row["id"] for row in rows]))
-            .values(status=status, answered_at=now, released=released)
-        )
+        released_ids[released] += [row["id"] for row in rows]
         answered += [{**row, "status": status, "released": released} for row in rows]
-        touched.append(contract)
+    lessons_table = Lesson.__table__
+    for released, ids in released_ids.items():
+        if ids:
+            await session.execute(
+                lessons_table.update()
+                .where(_among(session, lessons_table.c.id, ids))
+                .values(status=status, answered_at=now, released=released)
+            )
     if postings:
         await ledger.post_many(session, postings)
-    await session.flush()
-    for contract in touched:
-        await _mark_released(session, contract)
+    await session.execute(
+        _WRITE_PROGRESS,
+        [
+            {
+                "p_id": c.id,
+                "p_status": c.status,
+                "p_reported": c.reported_lessons,
+                "p_confirmed": c.confirmed_lessons,
+                "p_released": c.released_lessons,
+                "p_gross": c.released_gross_fen,
+                "p_at": now,
+            }
+            for c in contracts.values()
+        ],
+    )
+    _expire(session, Contract, contracts)
+    done = [c.id for c in contracts.values() if c.released_lessons == c.confirmed_lessons]
+    if done:
+        # Earlier confirmed lessons these releases have now paid for.
+        await session.execute(
+            lessons_table.update()
+            .where(
+                lessons_table.c.contract_id.in_(done),
+                lessons_table.c.status.in_(("confirmed", "auto_confirmed")),
+                lessons_table.c.released.is_(False),
+            )
+            .values(released=True)
+        )
     return answered
 
 
