@@ -934,3 +934,10 @@ async def audit_journal(
             )
             for t in txns
         ]
+
+
+# Routing tries the routes in order: the hot money paths (a parent's lesson
+# confirmation, single or batched) first. Their paths overlap no other route's
+# methods, so the order changes only how soon they are found.
+_HOT_PATHS = ("/lessons/{lesson_id}/answer", "/lessons/confirmations")
+router.routes.sort(key=lambda route: getattr(route, "path", "") not in _HOT_PATHS)
