@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
-from sqlalchemy import Select, bindparam, or_, select, update
+from sqlalchemy import Select, bindparam, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -583,6 +583,57 @@ _REMEMBER_MANY = (
 )
 
 
+async def _claim_many(
+    session: AsyncSession, claims: list[idempotency.IdempotentRequest]
+) -> set[tuple[str, str]]:
+    """Claim every key not yet taken (in flight, as ``claim_in`` does), in
+    one statement; the (client, key) pairs this statement claimed. On
+    PostgreSQL each column is one array parameter."""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    if dialect == "postgresql":
+        rows = await session.execute(
+            _CLAIM_MANY_PG,
+            {
+                "c_client": [c.client for c in claims],
+                "c_key": [c.key for c in claims],
+                "c_fingerprint": [c.fingerprint for c in claims],
+                "c_at": [c.claimed_at for c in claims],
+            },
+        )
+        return {(client, key) for client, key in rows.all()}
+    insert = sqlite_insert if dialect == "sqlite" else pg_insert
+    rows = await session.execute(
+        insert(idempotency_table)
+        .values(
+            [
+                {
+                    "client": c.client,
+                    "key": c.key,
+                    "fingerprint": c.fingerprint,
+                    "status": "in_flight",
+                    "created_at": c.claimed_at,
+                }
+                for c in claims
+            ]
+        )
+        .on_conflict_do_nothing()
+        .returning(idempotency_table.c.client, idempotency_table.c.key)
+    )
+    return {(client, key) for client, key in rows.all()}
+
+
+_CLAIM_MANY_PG = text(
+    f"""
+    INSERT INTO {idempotency_table.name} (client, key, fingerprint, status, created_at)
+    SELECT c, k, f, 'in_flight', t FROM unnest(
+        CAST(:c_client AS TEXT[]), CAST(:c_key AS TEXT[]), CAST(:c_fingerprint AS TEXT[]),
+        CAST(:c_at AS TIMESTAMPTZ[])) AS claims (c, k, f, t)
+    ON CONFLICT DO NOTHING
+    RETURNING client, key
+    """
+)
+
+
 async def _confirm_many(
     session: AsyncSession, items: list[tuple[idempotency.IdempotentRequest, Any]]
 ) -> list[Response | Problem | None]:
@@ -590,30 +641,7 @@ async def _confirm_many(
     one statement, confirms set-wise (``service.confirm_lessons_each``) and
     stores every reply in one statement; a key already taken is left to the
     ordinary path (None), which replays or refuses it."""
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = sqlite_insert if dialect == "sqlite" else pg_insert
-    claimed = {
-        (client, key)
-        for client, key in (
-            await session.execute(
-                insert(idempotency_table)
-                .values(
-                    [
-                        {
-                            "client": c.client,
-                            "key": c.key,
-                            "fingerprint": c.fingerprint,
-                            "status": "in_flight",
-                            "created_at": c.claimed_at,
-                        }
-                        for c, _ in items
-                    ]
-                )
-                .on_conflict_do_nothing()
-                .returning(idempotency_table.c.client, idempotency_table.c.key)
-            )
-        ).all()
-    }
+    claimed = await _claim_many(session, [c for c, _ in items])
     fresh: list[int] = []
     seen: set[tuple[str, str]] = set()
     for i, (c, _) in enumerate(items):
