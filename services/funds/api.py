@@ -583,6 +583,25 @@ _REMEMBER_MANY = (
 )
 
 
+def dialect_of(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else "sqlite"
+
+
+# ``_REMEMBER_MANY`` in one statement: each column one array parameter.
+_REMEMBER_MANY_PG = text(
+    f"""
+    UPDATE {idempotency_table.name} AS k
+    SET status = 'done', response_status = r.s, response_body = r.b, content_type = r.t,
+        completed_at = :r_at
+    FROM unnest(
+        CAST(:r_client AS TEXT[]), CAST(:r_key AS TEXT[]), CAST(:r_claimed AS TIMESTAMPTZ[]),
+        CAST(:r_status AS INTEGER[]), CAST(:r_body AS BYTEA[]), CAST(:r_type AS TEXT[]))
+        AS r (c, k, at, s, b, t)
+    WHERE k.client = r.c AND k.key = r.k AND k.status = 'in_flight' AND k.created_at = r.at
+    """
+)
+
+
 async def _claim_many(
     session: AsyncSession, claims: list[idempotency.IdempotentRequest]
 ) -> set[tuple[str, str]]:
@@ -679,7 +698,21 @@ async def _confirm_many(
             }
         )
         replies[i] = Response(body, status_code=status, media_type=media)
-    await session.execute(_REMEMBER_MANY, rows)
+    if dialect_of(session) == "postgresql":
+        await session.execute(
+            _REMEMBER_MANY_PG,
+            {
+                "r_client": [r["b_client"] for r in rows],
+                "r_key": [r["b_key"] for r in rows],
+                "r_claimed": [r["b_claimed_at"] for r in rows],
+                "r_status": [r["b_status"] for r in rows],
+                "r_body": [r["b_body"] for r in rows],
+                "r_type": [r["b_type"] for r in rows],
+                "r_at": now,
+            },
+        )
+    else:
+        await session.execute(_REMEMBER_MANY, rows)
     return replies
 
 
