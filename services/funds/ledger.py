@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -79,8 +79,9 @@ def kind_of(code: str) -> str:
     return code.split(":", 1)[0]
 
 
-@dataclass(frozen=True)
-class Leg:
+class Leg(NamedTuple):
+    """One leg of a posting (immutable; a tuple: cheap to make by the hundred)."""
+
     account: str
     amount_fen: int
     institution_id: str | None = None
