@@ -19,15 +19,16 @@ start-up sweep has nothing to scan; the raw SQL baseline writes a
 institution, open escrow account, paid contracts through the service's use
 cases; the lessons inserted in bulk as ``report_lesson`` leaves them, which
 is set-up, not measured) and is the load generator: one aiohttp session per
-phase (fresh connections),
-every request with the parent's access token and an Idempotency-Key.
+phase (fresh connections), every request with the parent's access token and
+an Idempotency-Key.
 
 After a short warm-up (not measured), each of ``--rounds`` rounds measures,
 in this order:
 
 (a) single requests: ``POST /lessons/{id}/answer`` (one lesson confirmed →
-    one journal transaction released from the contract's escrow), ``--single``
-    of them from ``--concurrency`` clients at once; the service's posting
+    one journal transaction released from the contract's escrow, and the
+    reserve's release with a contract's last lesson), ``--single`` of them
+    from ``--concurrency`` clients at once; the service's posting
     writer groups the requests waiting together into one transaction and one
     commit (services/funds/writer.py);
 (b) batched: ``POST /lessons/confirmations`` with 120 lessons each (two
@@ -37,8 +38,8 @@ in this order:
     one group transaction);
 (c) the baseline: raw SQL inserts of the same number of rows of the same
     shape (a transaction header and its three legs) into scratch tables,
-    from this process — one database commit per posting for (a), one per
-    122 postings for (b) — and the ratios service/raw.
+    from this process on one connection — one database commit per posting
+    for (a), one per 122 postings for (b) — and the ratios service/raw.
 
 Postings are counted from the journal's head sequence. It prints per round
 the rates, the CPU seconds the service process and this process used per
