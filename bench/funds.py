@@ -1,41 +1,70 @@
 """Funds ledger benchmark (FUND-09): balanced postings per second through the service.
 
-    .venv/bin/python bench/funds.py [--single 960] [--batches 5] [--concurrency 64]
+    .venv/bin/python bench/funds.py [--rounds 3] [--single 3000] [--concurrency 64]
+                                    [--batches 100] [--batch-clients 4]
+    BENCH_DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/bench_funds \\
+        .venv/bin/python bench/funds.py
+    BENCH_PROFILE=/tmp/funds.prof .venv/bin/python bench/funds.py   # cProfile the service
 
-Runs the funds service in-process (its real lifespan, HTTP routes through an
-ASGI client, Idempotency-Key on every request) against an embedded NATS
-server and a SQLite file in a temporary directory, or the PostgreSQL database
-named by BENCH_DATABASE_URL (a scratch database: the benchmark migrates it and
-adds its own rows and a ``bench_raw_*`` pair of tables). It measures, in one
-run:
+Starts, each in its own process as a deployment runs them: an embedded NATS
+JetStream server and the funds service, served as ``shuangjian serve funds``
+serves it (uvicorn, its full lifespan: migrations, outbox relay, consumers,
+the periodic sweep), verifying tokens against the bench's JWKS file (no
+identity service here). The database is a SQLite file in a temporary
+directory, or a fresh PostgreSQL database created next to the one named by
+BENCH_DATABASE_URL (on the same server, with that URL's credentials; dropped
+afterwards), so every run starts from an empty journal and the service's
+start-up sweep has nothing to scan; the raw SQL baseline writes a
+``bench_raw_*`` pair of tables there. This process prepares the data (licensed
+institution, open escrow account, paid contracts through the service's use
+cases; the lessons inserted in bulk as ``report_lesson`` leaves them, which
+is set-up, not measured) and is the load generator: one aiohttp session per
+phase (fresh connections), every request with the parent's access token and
+an Idempotency-Key.
+
+After a short warm-up (not measured), each of ``--rounds`` rounds measures,
+in this order:
 
 (a) single requests: ``POST /lessons/{id}/answer`` (one lesson confirmed →
-    one journal transaction released from the contract's escrow), from
-    ``--concurrency`` clients at once; the service's posting writer groups
-    the requests waiting together into one transaction and one commit
-    (services/funds/writer.py) — the group sizes are printed;
-(b) batched: ``POST /lessons/confirmations`` with 120 lessons (two contracts
-    of 60), one journal transaction per lesson plus the two reserve releases
-    at completion, all chained under one ledger-head lock;
-(c) the baseline: raw SQL inserts of the same rows (a transaction header and
-    its legs) into scratch tables of the same shape — one database
-    transaction per posting for (a), one per batch for (b) — and the ratios.
+    one journal transaction released from the contract's escrow, and the
+    reserve's release with a contract's last lesson), ``--single`` of them
+    from ``--concurrency`` clients at once; the service's posting
+    writer groups the requests waiting together into one transaction and one
+    commit (services/funds/writer.py);
+(b) batched: ``POST /lessons/confirmations`` with 120 lessons each (two
+    contracts of 60: one journal transaction per lesson plus the two reserve
+    releases at completion, 122 postings), ``--batches`` of them from
+    ``--batch-clients`` clients at once (batches waiting together also share
+    one group transaction);
+(c) the baseline: raw SQL inserts of the same number of rows of the same
+    shape (a transaction header and its three legs) into scratch tables,
+    from this process on one connection — one database commit per posting
+    for (a), one per 122 postings for (b) — and the ratios service/raw.
 
-Postings are counted from the journal's head sequence. The machine's load
-matters (all of it runs in one process: clients, service, NATS); compare the
-service/raw ratios of one run rather than absolute rates across runs. It prints the figures
-beside the targets (>= 1,000/s single, >= 5,000/s batched, on PostgreSQL) with
-PASS/FAIL and exits 0 when it ran to completion (it reports, it does not assert).
+Postings are counted from the journal's head sequence. It prints per round
+the rates, the CPU seconds the service process and this process used per
+1,000 postings, and the median over the rounds beside the targets (>= 1,000/s
+single, >= 5,000/s batched, on PostgreSQL) with PASS/FAIL; then the posting
+writer's group statistics and the journal checks (chain verifies, trial
+balance zero). It reports, it does not assert; it exits 0 when it ran to
+completion. All processes share the machine's cores (the load generator
+too): figures depend on the machine and on whatever else runs on it;
+compare the service/raw ratios of one run rather than absolute rates across
+runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,22 +72,31 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
-from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, select
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chassis.auth import Principal, StaticKeySource  # noqa: E402
-from chassis.config import PlatformSettings, service_settings  # noqa: E402
-from chassis.db import utcnow  # noqa: E402
+import aiohttp  # noqa: E402
+from sqlalchemy import (  # noqa: E402
+    BigInteger,
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    insert,
+    select,
+    update,
+)
+
+from chassis.auth import Principal  # noqa: E402
+from chassis.db import Database, utcnow  # noqa: E402
+from chassis.policy import PolicyRegistry  # noqa: E402
 from chassis.roster import upsert  # noqa: E402
 from contracts import institutions as inst  # noqa: E402
 from contracts.base import Envelope  # noqa: E402
-from launcher.nats_server import EmbeddedNats  # noqa: E402
+from launcher.nats_server import EmbeddedNats, free_port  # noqa: E402
 from services.funds import ledger, service  # noqa: E402
-from services.funds.app import create_app  # noqa: E402
-from services.funds.models import LedgerHead, Lesson, roster  # noqa: E402
+from services.funds.models import Contract, LedgerHead, Lesson, roster  # noqa: E402
 from services.identity.tokens import SigningKey, TokenIssuer  # noqa: E402
 
 ISSUER = "https://identity.bench"
@@ -91,6 +129,51 @@ raw_entries = Table(
 )
 
 
+# ---------------------------------------------------------------- child: the service
+
+
+def serve_service(port: int, jwks_file: str, stats_file: str) -> None:
+    """Child mode: the funds service as ``shuangjian serve funds`` runs it,
+    verifying tokens against a JWKS file. On shutdown it writes the posting
+    writer's statistics to ``stats_file`` (and, with BENCH_PROFILE set, the
+    cProfile of the whole process to that path)."""
+    import uvicorn
+
+    from chassis.auth import StaticKeySource
+    from services.funds.app import create_app
+
+    os.environ.setdefault("GC_FREEZE", "true")  # as `shuangjian serve` does
+    app = create_app(key_source=StaticKeySource(json.loads(Path(jwks_file).read_text())))
+
+    def serve() -> None:
+        # Stopped with SIGINT: uvicorn shuts down gracefully, then re-raises it.
+        with contextlib.suppress(KeyboardInterrupt):
+            uvicorn.run(
+                app,
+                host="127.0.0.1",
+                port=port,
+                log_config=None,
+                access_log=False,
+                lifespan="on",
+                timeout_graceful_shutdown=5,
+            )
+
+    profile = os.environ.get("BENCH_PROFILE")
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.runcall(serve)
+        profiler.dump_stats(profile)
+    else:
+        serve()
+    stats = app.state.ctx.extras["posting_writer"].stats
+    Path(stats_file).write_text(json.dumps(stats.__dict__))
+
+
+# ---------------------------------------------------------------- set-up
+
+
 def facts(institution_id: str) -> dict[str, Any]:
     return {
         "institution_id": institution_id,
@@ -112,18 +195,22 @@ def facts(institution_id: str) -> dict[str, Any]:
     }
 
 
-async def head(ctx: Any) -> int:
-    async with ctx.db.read() as s:
+async def head(db: Database) -> int:
+    async with db.read() as s:
         return int((await s.execute(select(LedgerHead.seq))).scalar_one())
 
 
-async def prepare(ctx: Any, contracts: int, tag: str) -> tuple[str, list[list[str]]]:
-    """An institution, a guardian with ``contracts`` paid contracts and every
-    lesson reported; returns the guardian id and the lesson ids per contract."""
+async def prepare(
+    db: Database, policies: PolicyRegistry, contracts: int, tag: str
+) -> tuple[str, list[list[str]]]:
+    """An institution, a guardian with ``contracts`` paid contracts (the
+    service's purchase and payment use cases) and every lesson reported (the
+    first through ``report_lesson``, the other 59 inserted in bulk as it
+    leaves them); returns the guardian id and the lesson ids per contract."""
     today = service.today_in_china()
     inst_id = f"bench-{tag}"
     guardian = f"g-{tag}"
-    async with ctx.db.transaction() as s:
+    async with db.transaction() as s:
         await service.on_institution_facts(
             s, Envelope.wrap(inst.LicenceGranted(**facts(inst_id)), source="institutions")
         )
@@ -170,38 +257,65 @@ async def prepare(ctx: Any, contracts: int, tag: str) -> tuple[str, list[list[st
         tenants=frozenset({f"institution:{inst_id}"}),
     )
     lesson_ids: list[list[str]] = []
-    for k in range(contracts):
-        async with ctx.db.transaction() as s:
-            contract = await service.purchase(
-                s,
-                ctx.policies,
-                parent,
-                service.PurchaseInput(
-                    institution_id=inst_id,
-                    course_id=f"{inst_id}-c",
-                    student_id=f"{guardian}-s{k}",
-                    lessons=LESSONS,
-                    price_per_lesson_fen=PRICE,
-                    starts_on=today,
-                    ends_on=today + dt.timedelta(days=60),
-                    mode="prepaid",
-                ),
-                today,
-            )
-            await service.confirm_payment(
-                s,
-                ctx.policies,
-                "b",
-                service.PaymentInput(contract.id, contract.total_fen, uuid.uuid4().hex, "6217"),
-            )
-            ids = []
-            for _ in range(LESSONS):
-                lesson = await service.report_lesson(
-                    s, ctx.policies, institution, contract.id, today, today
+    per_txn = 20
+    for first in range(0, contracts, per_txn):
+        async with db.transaction() as s:
+            for k in range(first, min(contracts, first + per_txn)):
+                contract = await service.purchase(
+                    s,
+                    policies,
+                    parent,
+                    service.PurchaseInput(
+                        institution_id=inst_id,
+                        course_id=f"{inst_id}-c",
+                        student_id=f"{guardian}-s{k}",
+                        lessons=LESSONS,
+                        price_per_lesson_fen=PRICE,
+                        starts_on=today,
+                        ends_on=today + dt.timedelta(days=60),
+                        mode="prepaid",
+                    ),
+                    today,
                 )
-                ids.append(lesson.id)
-            lesson_ids.append(ids)
+                await service.confirm_payment(
+                    s,
+                    policies,
+                    "b",
+                    service.PaymentInput(contract.id, contract.total_fen, uuid.uuid4().hex, "6217"),
+                )
+                one = await service.report_lesson(
+                    s, policies, institution, contract.id, today, today
+                )
+                rest = [
+                    {
+                        "id": str(uuid.uuid4()),
+                        "contract_id": contract.id,
+                        "institution_id": inst_id,
+                        "seq": one.seq + i,
+                        "delivered_on": today,
+                        "reported_at": utcnow(),
+                        "auto_confirm_on": one.auto_confirm_on,
+                        "status": "reported",
+                        "released": False,
+                        "dispute_overdue_reported": False,
+                    }
+                    for i in range(1, LESSONS)
+                ]
+                await s.execute(insert(Lesson.__table__), rest)
+                await s.execute(
+                    update(Contract)
+                    .where(Contract.id == contract.id)
+                    .values(
+                        next_lesson_seq=one.seq + LESSONS,
+                        reported_lessons=Contract.reported_lessons + len(rest),
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                lesson_ids.append([one.id] + [r["id"] for r in rest])
     return guardian, lesson_ids
+
+
+# ---------------------------------------------------------------- raw SQL baseline
 
 
 def _raw_rows(n: int, start: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -228,151 +342,338 @@ def _raw_rows(n: int, start: int) -> tuple[list[dict[str, Any]], list[dict[str, 
     return txns, entries
 
 
-async def raw_rate(ctx: Any, postings: int, per_txn: int, start: int) -> float:
+async def raw_rate(db: Database, postings: int, per_txn: int, start: int) -> float:
     """Raw SQL inserts of ``postings`` transactions with their legs, ``per_txn`` per commit."""
     txns, entries = _raw_rows(postings, start)
     began = time.perf_counter()
     for i in range(0, postings, per_txn):
         chunk = txns[i : i + per_txn]
-        seqs = {t["seq"] for t in chunk}
-        async with ctx.db.transaction() as s:
+        async with db.transaction() as s:
             await s.execute(raw_txn.insert(), chunk)
-            await s.execute(raw_entries.insert(), [e for e in entries if e["seq"] in seqs])
+            await s.execute(raw_entries.insert(), entries[3 * i : 3 * (i + len(chunk))])
     return postings / (time.perf_counter() - began)
+
+
+# ---------------------------------------------------------------- load
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU time of a process (this one when pid is None)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def wait_up(
+    session: aiohttp.ClientSession, url: str, child: Any, timeout: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.poll() is not None:
+            raise RuntimeError("the funds service exited while starting")
+        try:
+            async with session.get(url) as r:
+                if r.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def post_all(
+    session: aiohttp.ClientSession,
+    requests: list[tuple[str, bytes, dict[str, str]]],
+    clients: int,
+) -> None:
+    """Send ``requests`` (url, body, headers) from ``clients`` concurrent clients."""
+    queue = iter(requests)
+
+    async def client() -> None:
+        for url, body, headers in queue:
+            async with session.post(url, data=body, headers=headers) as r:
+                text = await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"{r.status} {text[:300]!r}")
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+class Phase:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rates: list[float] = []
+        self.raw: list[float] = []
+        self.service_cpu: list[float] = []  # CPU seconds per 1,000 postings
+        self.load_cpu: list[float] = []
+        self.postings = 0
+        self.per_request = 0
+
+    async def measure(
+        self,
+        db: Database,
+        pid: int,
+        base: str,
+        requests: list[tuple[str, bytes, dict[str, str]]],
+        clients: int,
+    ) -> tuple[int, float]:
+        seq0 = await head(db)
+        # Fresh connections: idle ones may have been closed by the server's
+        # keep-alive timeout while this process prepared or ran raw SQL.
+        async with aiohttp.ClientSession(
+            base_url=base, connector=aiohttp.TCPConnector(limit=0)
+        ) as session:
+            cpu_s, cpu_l = cpu_seconds(pid), cpu_seconds()
+            began = time.perf_counter()
+            await post_all(session, requests, clients)
+            elapsed = time.perf_counter() - began
+        cpu_s, cpu_l = cpu_seconds(pid) - cpu_s, cpu_seconds() - cpu_l
+        postings = await head(db) - seq0
+        self.rates.append(postings / elapsed)
+        self.service_cpu.append(1000 * cpu_s / postings)
+        self.load_cpu.append(1000 * cpu_l / postings)
+        self.postings += postings
+        self.per_request = postings // len(requests)
+        return postings, elapsed
+
+
+def _asyncpg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def create_pg_database(url: str) -> str:
+    """A fresh database on the server of ``url``; its SQLAlchemy URL."""
+    import asyncpg
+
+    name = f"bench_funds_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return f"{url.rsplit('/', 1)[0]}/{name}"
+
+
+async def drop_pg_database(url: str, scratch: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_asyncpg_dsn(url))
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{scratch.rsplit("/", 1)[1]}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def start_service(
+    env: dict[str, str], port: int, jwks_file: Path, stats_file: Path
+) -> subprocess.Popen[bytes]:
+    log = (jwks_file.parent / "service.log").open("wb")  # its warnings, if any
+    return subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-service",
+            str(port),
+            str(jwks_file),
+            str(stats_file),
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=log,
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
     logging.disable(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="bench-funds-"))
     nats = EmbeddedNats(tmp / "nats").start()
-    url = os.environ.get("BENCH_DATABASE_URL") or f"sqlite+aiosqlite:///{tmp / 'funds.sqlite3'}"
+    given = os.environ.get("BENCH_DATABASE_URL")
+    scratch = await create_pg_database(given) if given else None
+    url = scratch or f"sqlite+aiosqlite:///{tmp / 'funds.sqlite3'}"
     key = SigningKey.load_or_create(tmp / "key.pem")
     issuer = TokenIssuer([key], issuer=ISSUER, audience=AUDIENCE)
-    platform = PlatformSettings(
-        NATS_URL=nats.url,
-        VAR_DIR=tmp,
-        AUTH_ISSUER=ISSUER,
-        AUTH_AUDIENCE=AUDIENCE,
-        LOG_LEVEL="WARNING",
-    )
-    app = create_app(
-        settings=service_settings("funds", database_url=url, db_pool_size=args.concurrency + 4),
-        platform=platform,
-        key_source=StaticKeySource(issuer.jwks()),
-    )
+    jwks_file = tmp / "jwks.json"
+    jwks_file.write_text(json.dumps(issuer.jwks()))
+    stats_file = tmp / "writer-stats.json"
+    port = free_port()
+    (tmp / "var").mkdir()
+    env = {
+        **os.environ,
+        "VAR_DIR": str(tmp / "var"),
+        "NATS_URL": nats.url,
+        "LOG_LEVEL": "WARNING",
+        "AUTH_ISSUER": ISSUER,
+        "AUTH_AUDIENCE": AUDIENCE,
+        "FUNDS_DATABASE_URL": url,
+        "FUNDS_PORT": str(port),
+    }
+    env.pop("REDIS_URL", None)
+    child = start_service(env, port, jwks_file, stats_file)
+    base = f"http://127.0.0.1:{port}"
+    single, batched = Phase("single"), Phase("batched")
+    db: Database | None = None
     try:
-        async with app.router.lifespan_context(app):
-            ctx = app.state.ctx
-            async with ctx.db.engine.begin() as conn:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        try:
+            await wait_up(session, f"{base}/healthz", child)
+            db = Database(url, service="bench", pool_size=4)
+            policies = PolicyRegistry.load()
+            async with db.engine.begin() as conn:
                 await conn.run_sync(raw_meta.drop_all)
                 await conn.run_sync(raw_meta.create_all)
-            client = httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://funds"
-            )
             tag = uuid.uuid4().hex[:6]
-            contracts_single = -(-args.single // LESSONS)
-            print(f"database: {'PostgreSQL' if not ctx.db.is_sqlite else 'SQLite'}")
-            print(f"preparing {contracts_single} + {2 * args.batches} contracts of {LESSONS} …")
-            guardian, single_lessons = await prepare(ctx, contracts_single, f"s{tag}")
-            token = issuer.access_token(
-                subject=guardian, kind="user", roles=["parent"], tenants=[], person_id=guardian
+            per_round_single = -(-args.single // LESSONS)
+            print(
+                f"database: {'SQLite' if db.is_sqlite else 'PostgreSQL'}; service pid {child.pid}"
             )
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-            body = json.dumps({"confirm": True}).encode()
-
-            # (a) single requests
-            queue = [lid for ids in single_lessons for lid in ids][: args.single]
-            per_worker = [queue[i :: args.concurrency] for i in range(args.concurrency)]
-
-            async def worker(ids: list[str]) -> None:
-                for lid in ids:
-                    r = await client.post(
-                        f"/lessons/{lid}/answer",
-                        content=body,
-                        headers={**headers, "Idempotency-Key": lid},
-                    )
-                    if r.status_code != 200:
-                        raise RuntimeError(r.text)
-
-            seq0 = await head(ctx)
-            began = time.perf_counter()
-            await asyncio.gather(*(worker(ids) for ids in per_worker))
-            single_s = time.perf_counter() - began
-            single_postings = await head(ctx) - seq0
-            single_rate = single_postings / single_s
-
-            # (b) batched lesson releases
-            g2, batch_lessons = await prepare(ctx, 2 * args.batches, f"b{tag}")
-            token2 = issuer.access_token(
-                subject=g2, kind="user", roles=["parent"], tenants=[], person_id=g2
+            print(
+                f"preparing {args.rounds} x ({per_round_single} + {2 * args.batches}) "
+                f"contracts of {LESSONS} lessons …",
+                flush=True,
             )
-            headers2 = {"Authorization": f"Bearer {token2}", "Content-Type": "application/json"}
-            seq0 = await head(ctx)
-            began = time.perf_counter()
-            for b in range(args.batches):
-                ids = batch_lessons[2 * b] + batch_lessons[2 * b + 1]
-                r = await client.post(
-                    "/lessons/confirmations",
-                    content=json.dumps({"lesson_ids": ids}).encode(),
-                    headers={**headers2, "Idempotency-Key": f"batch-{tag}-{b}"},
+            gw, warm_lessons = await prepare(db, policies, 3, f"w{tag}")
+            rounds = []
+            for r in range(args.rounds):
+                g1, single_lessons = await prepare(db, policies, per_round_single, f"s{r}{tag}")
+                g2, batch_lessons = await prepare(db, policies, 2 * args.batches, f"b{r}{tag}")
+                rounds.append((g1, single_lessons, g2, batch_lessons))
+
+            def headers_of(guardian: str) -> dict[str, str]:
+                token = issuer.access_token(
+                    subject=guardian, kind="user", roles=["parent"], tenants=[], person_id=guardian
                 )
-                if r.status_code != 200:
-                    raise RuntimeError(r.text)
-            batch_s = time.perf_counter() - began
-            batch_postings = await head(ctx) - seq0
-            batch_rate = batch_postings / batch_s
-            per_batch = batch_postings // args.batches
+                return {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
 
-            # (c) raw SQL baseline, same rows
-            raw_single = await raw_rate(ctx, single_postings, 1, 1)
-            raw_batch = await raw_rate(ctx, batch_postings, per_batch, 10_000_000)
-
-            async with ctx.db.read() as s:
+            confirm = json.dumps({"confirm": True}).encode()
+            # Warm-up, not measured: connections, statement caches, the first
+            # groups (one contract's lessons singly, one batch of two).
+            hw = headers_of(gw)
+            async with aiohttp.ClientSession(base_url=base) as warm:
+                await post_all(
+                    warm,
+                    [
+                        (f"/lessons/{lid}/answer", confirm, {**hw, "Idempotency-Key": lid})
+                        for lid in warm_lessons[0]
+                    ],
+                    args.concurrency,
+                )
+                await post_all(
+                    warm,
+                    [
+                        (
+                            "/lessons/confirmations",
+                            json.dumps({"lesson_ids": warm_lessons[1] + warm_lessons[2]}).encode(),
+                            {**hw, "Idempotency-Key": f"warm-{tag}"},
+                        )
+                    ],
+                    1,
+                )
+            raw_start = 1
+            for r, (g1, single_lessons, g2, batch_lessons) in enumerate(rounds, 1):
+                h1 = headers_of(g1)
+                ids = [lid for ids in single_lessons for lid in ids][: args.single]
+                reqs = [
+                    (f"/lessons/{lid}/answer", confirm, {**h1, "Idempotency-Key": lid})
+                    for lid in ids
+                ]
+                n1, s1 = await single.measure(db, child.pid, base, reqs, args.concurrency)
+                h2 = headers_of(g2)
+                reqs = [
+                    (
+                        "/lessons/confirmations",
+                        json.dumps(
+                            {"lesson_ids": batch_lessons[2 * b] + batch_lessons[2 * b + 1]}
+                        ).encode(),
+                        {**h2, "Idempotency-Key": f"batch-{r}-{tag}-{b}"},
+                    )
+                    for b in range(args.batches)
+                ]
+                n2, s2 = await batched.measure(db, child.pid, base, reqs, args.batch_clients)
+                single.raw.append(await raw_rate(db, n1, 1, raw_start))
+                raw_start += n1
+                batched.raw.append(await raw_rate(db, n2, batched.per_request, raw_start))
+                raw_start += n2
+                print(
+                    f"round {r}: (a) {n1} postings in {s1:.2f}s = {single.rates[-1]:,.0f}/s "
+                    f"(raw {single.raw[-1]:,.0f}/s, ratio {single.rates[-1] / single.raw[-1]:.2f});"
+                    f" (b) {n2} postings in {s2:.2f}s = {batched.rates[-1]:,.0f}/s "
+                    f"(raw {batched.raw[-1]:,.0f}/s, ratio "
+                    f"{batched.rates[-1] / batched.raw[-1]:.2f}); CPU s per 1,000 postings "
+                    f"service/load: (a) {single.service_cpu[-1]:.2f}/{single.load_cpu[-1]:.2f}"
+                    f" (b) {batched.service_cpu[-1]:.2f}/{batched.load_cpu[-1]:.2f}",
+                    flush=True,
+                )
+            async with db.read() as s:
                 chain = await ledger.verify_chain(s)
                 tb = await ledger.trial_balance(s)
-                released = await s.scalar(
-                    select(Lesson.id).where(Lesson.released.is_(False)).limit(1)
+                unreleased = await s.scalar(
+                    select(Lesson.id)
+                    .where(Lesson.status == "confirmed", Lesson.released.is_(False))
+                    .limit(1)
                 )
-            stats = ctx.extras["posting_writer"].stats
-            await client.aclose()
+        finally:
+            await session.close()
     finally:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
         nats.stop()
+        if db is not None:
+            await db.dispose()
+        if given and scratch:
+            await drop_pg_database(given, scratch)
 
     def verdict(value: float, target: float) -> str:
         return "PASS" if value >= target else "FAIL"
 
+    med = statistics.median
+    print(f"median of {args.rounds} rounds:")
     print(
-        f"(a) single requests ({args.concurrency} clients): {single_postings} postings in "
-        f"{single_s:.2f}s = {single_rate:,.0f}/s  [target >= 1,000/s: "
-        f"{verdict(single_rate, 1000)}]"
+        f"(a) single requests ({args.concurrency} clients, {args.single} per round): "
+        f"{med(single.rates):,.0f} postings/s  [target >= 1,000/s: "
+        f"{verdict(med(single.rates), 1000)}]"
     )
     print(
-        f"(b) batched ({per_batch} postings per request): {batch_postings} postings in "
-        f"{batch_s:.2f}s = {batch_rate:,.0f}/s  [target >= 5,000/s: {verdict(batch_rate, 5000)}]"
+        f"(b) batched ({batched.per_request} postings per request, {args.batch_clients} clients, "
+        f"{args.batches} per round): {med(batched.rates):,.0f} postings/s  "
+        f"[target >= 5,000/s: {verdict(med(batched.rates), 5000)}]"
     )
     print(
-        f"(c) raw SQL inserts of the same rows: one commit per posting {raw_single:,.0f}/s "
-        f"(service/raw {single_rate / raw_single:.2f}); one commit per batch "
-        f"{raw_batch:,.0f}/s (service/raw {batch_rate / raw_batch:.2f})"
+        f"(c) raw SQL inserts of the same rows: one commit per posting {med(single.raw):,.0f}/s "
+        f"(service/raw {med(a / b for a, b in zip(single.rates, single.raw, strict=True)):.2f}); "
+        f"one commit per {batched.per_request} postings {med(batched.raw):,.0f}/s (service/raw "
+        f"{med(a / b for a, b in zip(batched.rates, batched.raw, strict=True)):.2f})"
     )
-    print(
-        f"posting writer: {stats.requests} requests in {stats.groups} commits "
-        f"(largest group {stats.largest_group}, {stats.setwise} answered set-wise, "
-        f"{stats.failed_groups} failed groups)"
-    )
+    if stats_file.exists():
+        stats = json.loads(stats_file.read_text())
+        print(
+            f"posting writer: {stats['requests']} requests in {stats['groups']} commits "
+            f"(largest group {stats['largest_group']}, {stats['setwise']} answered set-wise, "
+            f"{stats['failed_groups']} failed groups)"
+        )
     print(
         f"journal: chain {'verifies' if chain.ok else 'BROKEN at ' + str(chain.first_broken_seq)}"
         f" ({chain.transactions} transactions), trial balance "
         f"{'zero' if tb.ok else 'NOT ZERO'}; unreleased confirmed lessons: "
-        f"{'none' if released is None else 'some'}"
+        f"{'none' if unreleased is None else 'some'}"
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--single", type=int, default=960)
-    parser.add_argument("--batches", type=int, default=5)
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve-service":
+        serve_service(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        return
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--single", type=int, default=3000, help="single requests per round")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=100, help="batch requests per round")
+    parser.add_argument("--batch-clients", type=int, default=4)
     asyncio.run(run(parser.parse_args()))
 
 

@@ -79,6 +79,9 @@ def serve(name: str, host: str | None, port: int | None) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # The gateway decides whose X-Forwarded-For to believe (its
+        # trusted_proxies); uvicorn must not rewrite the peer before it does.
+        proxy_headers=False,
     )
 
 

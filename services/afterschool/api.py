@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from chassis import idempotency
 from chassis.app import DB, Ctx, Policies, ServiceContext
 from chassis.auth import CurrentPrincipal, current_principal
+from chassis.csvexport import csv_response
 from services.afterschool import operations, rush, schemas, service
 
 router = APIRouter()
@@ -480,9 +481,5 @@ async def region_oversight(
 ) -> Any:
     report = await operations.region_oversight(db, policies, principal, region_id, term, school_id)
     if format == "csv":
-        return Response(
-            operations.oversight_csv(report),
-            media_type="text/csv; charset=utf-8",
-            headers={"Content-Disposition": f'attachment; filename="afterschool-{region_id}.csv"'},
-        )
+        return csv_response(f"afterschool-{region_id}", operations.oversight_csv(report))
     return report

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 from typing import Any
 
 from sqlalchemy import func, select
@@ -13,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import Principal
+from chassis.csvexport import render_dicts
 from chassis.db import Database, utcnow
 from chassis.errors import FieldError, Problem, rule_violation
 from chassis.messaging import emit
@@ -723,9 +722,4 @@ async def region_oversight(
 
 
 def oversight_csv(report: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in report["by_school"]:
-        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
-    return buffer.getvalue()
+    return render_dicts(CSV_COLUMNS, report["by_school"])

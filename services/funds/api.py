@@ -20,7 +20,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import PlainTextResponse, Response
-from sqlalchemy import Select, bindparam, or_, select, update
+from sqlalchemy import Select, bindparam, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -583,6 +583,76 @@ _REMEMBER_MANY = (
 )
 
 
+def dialect_of(session: AsyncSession) -> str:
+    return session.bind.dialect.name if session.bind is not None else "sqlite"
+
+
+# ``_REMEMBER_MANY`` in one statement: each column one array parameter.
+_REMEMBER_MANY_PG = text(
+    f"""
+    UPDATE {idempotency_table.name} AS k
+    SET status = 'done', response_status = r.s, response_body = r.b, content_type = r.t,
+        completed_at = :r_at
+    FROM unnest(
+        CAST(:r_client AS TEXT[]), CAST(:r_key AS TEXT[]), CAST(:r_claimed AS TIMESTAMPTZ[]),
+        CAST(:r_status AS INTEGER[]), CAST(:r_body AS BYTEA[]), CAST(:r_type AS TEXT[]))
+        AS r (c, k, at, s, b, t)
+    WHERE k.client = r.c AND k.key = r.k AND k.status = 'in_flight' AND k.created_at = r.at
+    """
+)
+
+
+async def _claim_many(
+    session: AsyncSession, claims: list[idempotency.IdempotentRequest]
+) -> set[tuple[str, str]]:
+    """Claim every key not yet taken (in flight, as ``claim_in`` does), in
+    one statement; the (client, key) pairs this statement claimed. On
+    PostgreSQL each column is one array parameter."""
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    if dialect == "postgresql":
+        rows = await session.execute(
+            _CLAIM_MANY_PG,
+            {
+                "c_client": [c.client for c in claims],
+                "c_key": [c.key for c in claims],
+                "c_fingerprint": [c.fingerprint for c in claims],
+                "c_at": [c.claimed_at for c in claims],
+            },
+        )
+        return {(client, key) for client, key in rows.all()}
+    insert = sqlite_insert if dialect == "sqlite" else pg_insert
+    rows = await session.execute(
+        insert(idempotency_table)
+        .values(
+            [
+                {
+                    "client": c.client,
+                    "key": c.key,
+                    "fingerprint": c.fingerprint,
+                    "status": "in_flight",
+                    "created_at": c.claimed_at,
+                }
+                for c in claims
+            ]
+        )
+        .on_conflict_do_nothing()
+        .returning(idempotency_table.c.client, idempotency_table.c.key)
+    )
+    return {(client, key) for client, key in rows.all()}
+
+
+_CLAIM_MANY_PG = text(
+    f"""
+    INSERT INTO {idempotency_table.name} (client, key, fingerprint, status, created_at)
+    SELECT c, k, f, 'in_flight', t FROM unnest(
+        CAST(:c_client AS TEXT[]), CAST(:c_key AS TEXT[]), CAST(:c_fingerprint AS TEXT[]),
+        CAST(:c_at AS TIMESTAMPTZ[])) AS claims (c, k, f, t)
+    ON CONFLICT DO NOTHING
+    RETURNING client, key
+    """
+)
+
+
 async def _confirm_many(
     session: AsyncSession, items: list[tuple[idempotency.IdempotentRequest, Any]]
 ) -> list[Response | Problem | None]:
@@ -590,30 +660,7 @@ async def _confirm_many(
     one statement, confirms set-wise (``service.confirm_lessons_each``) and
     stores every reply in one statement; a key already taken is left to the
     ordinary path (None), which replays or refuses it."""
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = sqlite_insert if dialect == "sqlite" else pg_insert
-    claimed = {
-        (client, key)
-        for client, key in (
-            await session.execute(
-                insert(idempotency_table)
-                .values(
-                    [
-                        {
-                            "client": c.client,
-                            "key": c.key,
-                            "fingerprint": c.fingerprint,
-                            "status": "in_flight",
-                            "created_at": c.claimed_at,
-                        }
-                        for c, _ in items
-                    ]
-                )
-                .on_conflict_do_nothing()
-                .returning(idempotency_table.c.client, idempotency_table.c.key)
-            )
-        ).all()
-    }
+    claimed = await _claim_many(session, [c for c, _ in items])
     fresh: list[int] = []
     seen: set[tuple[str, str]] = set()
     for i, (c, _) in enumerate(items):
@@ -651,7 +698,21 @@ async def _confirm_many(
             }
         )
         replies[i] = Response(body, status_code=status, media_type=media)
-    await session.execute(_REMEMBER_MANY, rows)
+    if dialect_of(session) == "postgresql":
+        await session.execute(
+            _REMEMBER_MANY_PG,
+            {
+                "r_client": [r["b_client"] for r in rows],
+                "r_key": [r["b_key"] for r in rows],
+                "r_claimed": [r["b_claimed_at"] for r in rows],
+                "r_status": [r["b_status"] for r in rows],
+                "r_body": [r["b_body"] for r in rows],
+                "r_type": [r["b_type"] for r in rows],
+                "r_at": now,
+            },
+        )
+    else:
+        await session.execute(_REMEMBER_MANY, rows)
     return replies
 
 
@@ -700,7 +761,7 @@ async def confirm_lessons(
         lessons = await service.answer_lessons(
             session, ctx.policies, principal, body.lesson_ids, today
         )
-        return schemas.LessonList([schemas.LessonOut.model_validate(x) for x in lessons])
+        return schemas.LessonList.model_validate(lessons)  # one call for the whole list
 
     return await _money(ctx, request, principal, work)
 
@@ -934,3 +995,10 @@ async def audit_journal(
             )
             for t in txns
         ]
+
+
+# Routing tries the routes in order: the hot money paths (a parent's lesson
+# confirmation, single or batched) first. Their paths overlap no other route's
+# methods, so the order changes only how soon they are found.
+_HOT_PATHS = ("/lessons/{lesson_id}/answer", "/lessons/confirmations")
+router.routes.sort(key=lambda route: getattr(route, "path", "") not in _HOT_PATHS)

@@ -22,9 +22,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -79,8 +79,9 @@ def kind_of(code: str) -> str:
     return code.split(":", 1)[0]
 
 
-@dataclass(frozen=True)
-class Leg:
+class Leg(NamedTuple):
+    """One leg of a posting (immutable; a tuple: cheap to make by the hundred)."""
+
     account: str
     amount_fen: int
     institution_id: str | None = None
@@ -132,6 +133,40 @@ def transaction_hash(
     return hashlib.sha256(raw.encode()).hexdigest()
 
 
+# The C string encoder ``json.dumps(..., ensure_ascii=False)`` uses.
+_str = json.encoder.encode_basestring
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _str(value)
+
+
+def canonical_hash(
+    seq: int,
+    prev_hash: str,
+    kind: str,
+    ref: str,
+    memo: str,
+    bank_ref: str | None,
+    bank_id: str | None,
+    posted_at: datetime,
+    legs: Sequence[tuple[int, str, int]],
+) -> str:
+    """``transaction_hash``, byte for byte the same canonical JSON (keys in
+    sorted order, no spaces, non-ASCII kept), written out directly instead
+    of through ``json.dumps`` of a dict: the posting hot path hashes every
+    transaction. tests/funds/test_ledger_integrity.py checks the two agree."""
+    raw = (
+        f'{{"at":{_str(canonical_time(posted_at))},"bank_id":{_opt(bank_id)},'
+        f'"bank_ref":{_opt(bank_ref)},"kind":{_str(kind)},"legs":['
+        + ",".join(
+            f"[{leg},{_str(account)},{int(amount)}]" for leg, account, amount in sorted(legs)
+        )
+        + f'],"memo":{_str(memo)},"prev":{_str(prev_hash)},"ref":{_str(ref)},"seq":{int(seq)}}}'
+    )
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
 def _check_legs(legs: Sequence[Leg]) -> None:
     if len(legs) < 2:
         raise LedgerError("a journal transaction needs at least two legs")
@@ -142,6 +177,72 @@ def _check_legs(legs: Sequence[Leg]) -> None:
             raise LedgerError("a leg of zero fen")
     if sum(leg.amount_fen for leg in legs) != 0:
         raise LedgerError("legs do not sum to zero")
+
+
+_TXN_COLUMNS = (
+    "seq",
+    "kind",
+    "ref",
+    "memo",
+    "bank_ref",
+    "bank_id",
+    "posted_at",
+    "prev_hash",
+    "hash",
+)
+_ENTRY_COLUMNS = ("seq", "leg", "account", "amount_fen")
+_APPEND_PG = text(
+    """
+    WITH t AS (
+        INSERT INTO journal_transactions
+            (seq, kind, ref, memo, bank_ref, bank_id, posted_at, prev_hash, hash)
+        SELECT * FROM unnest(
+            CAST(:t_seq AS BIGINT[]), CAST(:t_kind AS TEXT[]), CAST(:t_ref AS TEXT[]),
+            CAST(:t_memo AS TEXT[]), CAST(:t_bank_ref AS TEXT[]), CAST(:t_bank_id AS TEXT[]),
+            CAST(:t_posted_at AS TIMESTAMPTZ[]), CAST(:t_prev AS TEXT[]),
+            CAST(:t_hash AS TEXT[]))
+    ), e AS (
+        INSERT INTO journal_entries (seq, leg, account, amount_fen)
+        SELECT * FROM unnest(
+            CAST(:e_seq AS BIGINT[]), CAST(:e_leg AS INTEGER[]), CAST(:e_account AS TEXT[]),
+            CAST(:e_amount AS BIGINT[]))
+    )
+    UPDATE ledger_head SET seq = :head_seq, hash = :head_hash WHERE id = 1
+    """
+)
+
+
+def _aware(at: datetime) -> datetime:
+    if at.tzinfo is None:
+        raise LedgerError("naive datetime given; store aware UTC times")
+    return at
+
+
+def _columns(
+    txn_rows: list[tuple[Any, ...]],
+    entry_rows: list[tuple[int, int, str, int]],
+    head_seq: int,
+    head_hash: str,
+) -> dict[str, Any]:
+    t = list(zip(*txn_rows, strict=True))
+    e = list(zip(*entry_rows, strict=True))
+    return {
+        "t_seq": list(t[0]),
+        "t_kind": list(t[1]),
+        "t_ref": list(t[2]),
+        "t_memo": list(t[3]),
+        "t_bank_ref": list(t[4]),
+        "t_bank_id": list(t[5]),
+        "t_posted_at": [_aware(at).astimezone(UTC) for at in t[6]],
+        "t_prev": list(t[7]),
+        "t_hash": list(t[8]),
+        "e_seq": list(e[0]),
+        "e_leg": list(e[1]),
+        "e_account": list(e[2]),
+        "e_amount": list(e[3]),
+        "head_seq": head_seq,
+        "head_hash": head_hash,
+    }
 
 
 async def post(session: AsyncSession, posting: Posting) -> Posting:
@@ -155,14 +256,11 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
         return []
     for p in postings:
         _check_legs(p.legs)
-    head = (
+    head_seq, head_hash = (
         await session.execute(
-            select(LedgerHead)
-            .where(LedgerHead.id == 1)
-            .with_for_update()
-            .execution_options(populate_existing=True)
+            select(LedgerHead.seq, LedgerHead.hash).where(LedgerHead.id == 1).with_for_update()
         )
-    ).scalar_one()
+    ).one()
 
     # Accounts: create missing ones, then check non-negative balances.
     meta: dict[str, Leg] = {}
@@ -202,44 +300,34 @@ async def post_many(session: AsyncSession, postings: Sequence[Posting]) -> list[
             if kind_of(leg.account) in NON_NEGATIVE and running[leg.account] < 0:
                 raise LedgerError(f"{leg.account} would go negative ({running[leg.account]})")
 
-    seq, prev = head.seq, head.hash
-    txn_rows: list[dict[str, Any]] = []
-    entry_rows: list[dict[str, Any]] = []
+    seq, prev = head_seq, head_hash
+    txn_rows: list[tuple[Any, ...]] = []
+    entry_rows: list[tuple[int, int, str, int]] = []
     for p in postings:
         seq += 1
         legs = [(i, leg.account, leg.amount_fen) for i, leg in enumerate(p.legs)]
         p.seq = seq
-        p.hash = transaction_hash(
-            seq=seq,
-            prev_hash=prev,
-            kind=p.kind,
-            ref=p.ref,
-            memo=p.memo,
-            bank_ref=p.bank_ref,
-            bank_id=p.bank_id,
-            posted_at=p.posted_at,
-            legs=legs,
+        p.hash = canonical_hash(
+            seq, prev, p.kind, p.ref, p.memo, p.bank_ref, p.bank_id, p.posted_at, legs
         )
         txn_rows.append(
-            {
-                "seq": seq,
-                "kind": p.kind,
-                "ref": p.ref,
-                "memo": p.memo,
-                "bank_ref": p.bank_ref,
-                "bank_id": p.bank_id,
-                "posted_at": p.posted_at,
-                "prev_hash": prev,
-                "hash": p.hash,
-            }
+            (seq, p.kind, p.ref, p.memo, p.bank_ref, p.bank_id, p.posted_at, prev, p.hash)
         )
-        entry_rows += [
-            {"seq": seq, "leg": i, "account": account, "amount_fen": amount}
-            for i, account, amount in legs
-        ]
+        entry_rows += [(seq, i, account, amount) for i, account, amount in legs]
         prev = p.hash
-    await session.execute(JournalTransaction.__table__.insert(), txn_rows)
-    await session.execute(JournalEntry.__table__.insert(), entry_rows)
+    if dialect == "postgresql":
+        # One statement, one round trip: the headers, their legs (each column
+        # one array parameter) and the new chain head.
+        await session.execute(_APPEND_PG, _columns(txn_rows, entry_rows, seq, prev))
+        return list(postings)
+    await session.execute(
+        JournalTransaction.__table__.insert(),
+        [dict(zip(_TXN_COLUMNS, r, strict=True)) for r in txn_rows],
+    )
+    await session.execute(
+        JournalEntry.__table__.insert(),
+        [dict(zip(_ENTRY_COLUMNS, r, strict=True)) for r in entry_rows],
+    )
     await session.execute(update(LedgerHead).where(LedgerHead.id == 1).values(seq=seq, hash=prev))
     return list(postings)
 

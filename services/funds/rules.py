@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import calendar as _calendar
 import datetime as dt
+import functools
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Protocol
 
@@ -179,6 +181,12 @@ def check_purchase(
 # ---------------------------------------------------------------- release (FUND-04/05)
 
 
+@functools.lru_cache(maxsize=64)
+def _fraction(share: Decimal) -> Fraction:
+    """The profile's share as an exact fraction (made once per value)."""
+    return Fraction(share)
+
+
 def reserve_part(amount_fen: int, reserve_held_fen: int, policy: FundsPolicy) -> int:
     """FUND-05: fen of a release that stays in the risk reserve.
 
@@ -187,7 +195,7 @@ def reserve_part(amount_fen: int, reserve_held_fen: int, policy: FundsPolicy) ->
     """
     if amount_fen < 0 or reserve_held_fen < 0:
         raise ValueError("amounts must be non-negative")
-    by_share = math.ceil(Fraction(amount_fen) * Fraction(policy.risk_reserve_share))
+    by_share = math.ceil(amount_fen * _fraction(policy.risk_reserve_share))
     top_up = max(policy.risk_reserve_min_fen - reserve_held_fen, 0)
     return min(amount_fen, max(by_share, top_up))
 

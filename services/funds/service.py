@@ -14,13 +14,16 @@ import datetime as dt
 import io
 import uuid
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select
+from sqlalchemy import String, any_, bindparam, func, literal, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm.util import identity_key
 
 from chassis.auth import Principal
 from chassis.calendar import Calendar
@@ -1006,6 +1009,92 @@ LESSON_COLUMNS = (
 )
 
 
+# The contract columns the batched confirmation reads (and partly writes back).
+PROGRESS_COLUMNS = (
+    Contract.id,
+    Contract.institution_id,
+    Contract.account_id,
+    Contract.region_id,
+    Contract.guardian_id,
+    Contract.lessons,
+    Contract.price_per_lesson_fen,
+    Contract.total_fen,
+    Contract.status,
+    Contract.reported_lessons,
+    Contract.confirmed_lessons,
+    Contract.released_lessons,
+    Contract.refunded_lessons,
+    Contract.released_gross_fen,
+)
+_contracts = Contract.__table__
+_WRITE_PROGRESS = (
+    _contracts.update()
+    .where(_contracts.c.id == bindparam("p_id"))
+    .values(
+        status=bindparam("p_status"),
+        reported_lessons=bindparam("p_reported"),
+        confirmed_lessons=bindparam("p_confirmed"),
+        released_lessons=bindparam("p_released"),
+        released_gross_fen=bindparam("p_gross"),
+        updated_at=bindparam("p_at"),
+    )
+)
+
+
+def _among(session: AsyncSession, column: Any, values: list[str]) -> Any:
+    """``column IN (values)``; on PostgreSQL one array parameter (``= ANY``)
+    instead of one bind per value (no per-call expansion of the statement)."""
+    if session.bind is not None and session.bind.dialect.name == "postgresql":
+        return column == any_(literal(values, ARRAY(String)))
+    return column.in_(values)
+
+
+def _expire(session: AsyncSession, model: Any, ids: Any) -> None:
+    """Rows changed with Core statements: forget any ORM copy this session holds."""
+    held = session.identity_map
+    for pk in ids:
+        obj = held.get(identity_key(model, pk))
+        if obj is not None:
+            session.expire(obj)
+
+
+async def _write_progress(session: AsyncSession, contracts: list[Any], now: dt.datetime) -> None:
+    """Write back the progress of contracts read as plain rows (one executemany)."""
+    await session.execute(
+        _WRITE_PROGRESS,
+        [
+            {
+                "p_id": c.id,
+                "p_status": c.status,
+                "p_reported": c.reported_lessons,
+                "p_confirmed": c.confirmed_lessons,
+                "p_released": c.released_lessons,
+                "p_gross": c.released_gross_fen,
+                "p_at": now,
+            }
+            for c in contracts
+        ],
+    )
+    _expire(session, Contract, {c.id for c in contracts})
+
+
+async def _release_earlier(session: AsyncSession, contracts: Any) -> None:
+    """Mark released the earlier confirmed lessons that releases have now
+    paid for, in every contract whose release has caught up (one statement)."""
+    done = [c.id for c in contracts if c.released_lessons == c.confirmed_lessons]
+    if done:
+        lessons_table = Lesson.__table__
+        await session.execute(
+            lessons_table.update()
+            .where(
+                _among(session, lessons_table.c.contract_id, done),
+                lessons_table.c.status.in_(("confirmed", "auto_confirmed")),
+                lessons_table.c.released.is_(False),
+            )
+            .values(released=True)
+        )
+
+
 async def answer_lessons(
     session: AsyncSession,
     policies: PolicyRegistry,
@@ -1020,45 +1109,73 @@ async def answer_lessons(
     Core statements (one UPDATE per contract), not loaded as ORM objects.
     Returns the answered lessons as dicts (the fields of ``LessonOut``)."""
     wanted = sorted(set(lesson_ids))
-    contract_of = {
-        lesson_id: contract_id
-        for lesson_id, contract_id in (
+    contract_of = dict(
+        (
             await session.execute(
-                select(Lesson.id, Lesson.contract_id).where(Lesson.id.in_(wanted))
+                select(Lesson.id, Lesson.contract_id).where(_among(session, Lesson.id, wanted))
             )
         ).all()
-    }
+    )
     if len(contract_of) != len(wanted):
         raise not_found("课次不存在。")
-    by_contract: dict[str, list[str]] = {}
-    for lesson_id, contract_id in contract_of.items():
-        by_contract.setdefault(contract_id, []).append(lesson_id)
+    contract_ids = sorted(set(contract_of.values()))
+    # Locks in the order every use case takes them: the contracts (by id),
+    # then their lessons, then the escrow accounts (shared) — one statement
+    # each. The contracts are read as plain rows (no ORM objects: their
+    # progress is written back in one statement below).
+    contracts = {
+        row.id: SimpleNamespace(**row._asdict())
+        for row in await session.execute(
+            select(*PROGRESS_COLUMNS)
+            .where(_among(session, Contract.id, contract_ids))
+            .order_by(Contract.id)
+            .with_for_update()
+        )
+    }
+    if principal is not None and any(
+        principal.person_id != c.guardian_id for c in contracts.values()
+    ):
+        raise not_found("课次不存在。")
+    rows_of: dict[str, list[Any]] = {contract_id: [] for contract_id in contract_ids}
+    for row in (
+        await session.execute(
+            select(*LESSON_COLUMNS)
+            .where(_among(session, Lesson.id, wanted))
+            .order_by(Lesson.contract_id, Lesson.seq)
+            .with_for_update()
+        )
+    ).mappings():
+        rows_of[row["contract_id"]].append(row)
+    account_ids = sorted({c.account_id for c in contracts.values()})
+    state_of = dict(
+        (
+            await session.execute(
+                select(EscrowAccount.id, EscrowAccount.state)
+                .where(EscrowAccount.id.in_(account_ids))
+                .order_by(EscrowAccount.id)
+                .with_for_update(read=True)
+            )
+        ).all()
+    )
+    accounts = {a: SimpleNamespace(state=state) for a, state in state_of.items()}
+    bal = await ledger.cached_balances(
+        session, [code for c in contract_ids for code in (ledger.escrow(c), ledger.reserve(c))]
+    )
     status = "confirmed" if principal is not None else "auto_confirmed"
     now = utcnow()
+    policy_of: dict[str, FundsPolicy] = {}
     postings: list[Posting] = []
-    touched: list[Contract] = []
     answered: list[dict[str, Any]] = []
-    lessons_table = Lesson.__table__
-    for contract_id in sorted(by_contract):
-        contract = await _lock_contract(session, contract_id)
-        assert contract is not None
-        if principal is not None and principal.person_id != contract.guardian_id:
-            raise not_found("课次不存在。")
-        rows = (
-            (
-                await session.execute(
-                    select(*LESSON_COLUMNS)
-                    .where(Lesson.id.in_(by_contract[contract_id]))
-                    .order_by(Lesson.seq)
-                    .with_for_update()
-                )
+    released_ids: dict[bool, list[str]] = {True: [], False: []}
+    for contract_id in contract_ids:
+        contract = contracts[contract_id]
+        if contract.region_id not in policy_of:
+            policy_of[contract.region_id] = await funds_policy(
+                session, policies, contract.region_id, today
             )
-            .mappings()
-            .all()
-        )
-        account = await _account_shared(session, contract.account_id)
-        policy = await funds_policy(session, policies, contract.region_id, today)
-        bal = await _contract_balances(session, contract)
+        policy = policy_of[contract.region_id]
+        account = accounts[contract.account_id]
+        rows = rows_of[contract_id]
         for row in rows:
             if row["status"] != "reported":
                 raise conflict(
@@ -1068,18 +1185,21 @@ async def answer_lessons(
             contract.confirmed_lessons += 1
             postings += _settle_postings(contract, account, policy, bal)
         released = contract.released_lessons == contract.confirmed_lessons
-        await session.execute(
-            lessons_table.update()
-            .where(lessons_table.c.id.in_([row["id"] for row in rows]))
-            .values(status=status, answered_at=now, released=released)
-        )
+        released_ids[released] += [row["id"] for row in rows]
         answered += [{**row, "status": status, "released": released} for row in rows]
-        touched.append(contract)
+    lessons_table = Lesson.__table__
+    for released, ids in released_ids.items():
+        if ids:
+            await session.execute(
+                lessons_table.update()
+                .where(_among(session, lessons_table.c.id, ids))
+                .values(status=status, answered_at=now, released=released)
+            )
     if postings:
         await ledger.post_many(session, postings)
-    await session.flush()
-    for contract in touched:
-        await _mark_released(session, contract)
+    await _write_progress(session, list(contracts.values()), now)
+    _expire(session, Lesson, {lesson["id"] for lesson in answered})
+    await _release_earlier(session, contracts.values())
     return answered
 
 
@@ -1088,7 +1208,7 @@ async def confirm_lessons_each(
     policies: PolicyRegistry,
     requests: list[tuple[Principal, str]],
     today: dt.date,
-) -> list[Lesson | Problem]:
+) -> list[dict[str, Any] | Problem]:
     """Many parents' single confirmations (``answer_lesson`` with ``confirm``),
     answered set-wise: a handful of statements for the whole set instead of a
     score per request, one posting per lesson chained under one head lock.
@@ -1096,88 +1216,100 @@ async def confirm_lessons_each(
     this order (the requests were concurrent, so any order is a valid one):
     its lesson, or its refusal (404 / 409) as a Problem."""
     ids = sorted({lesson_id for _, lesson_id in requests})
-    found = {
-        lesson.id: lesson
-        for lesson in (await session.execute(select(Lesson).where(Lesson.id.in_(ids)))).scalars()
-    }
-    contract_ids = sorted({lesson.contract_id for lesson in found.values()})
-    contracts = {
-        c.id: c
-        for c in (
+    contract_of = dict(
+        (
             await session.execute(
-                select(Contract)
-                .where(Contract.id.in_(contract_ids))
-                .order_by(Contract.id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
+                select(Lesson.id, Lesson.contract_id).where(_among(session, Lesson.id, ids))
             )
-        ).scalars()
+        ).all()
+    )
+    contract_ids = sorted(set(contract_of.values()))
+    # Locks as ``answer_lessons`` takes them; plain rows, no ORM objects.
+    contracts = {
+        row.id: SimpleNamespace(**row._asdict())
+        for row in await session.execute(
+            select(*PROGRESS_COLUMNS)
+            .where(_among(session, Contract.id, contract_ids))
+            .order_by(Contract.id)
+            .with_for_update()
+        )
     }
     locked = {
-        lesson.id: lesson
-        for lesson in (
+        row["id"]: dict(row)
+        for row in (
             await session.execute(
-                select(Lesson)
-                .where(Lesson.id.in_(list(found)))
+                select(*LESSON_COLUMNS)
+                .where(_among(session, Lesson.id, sorted(contract_of)))
                 .order_by(Lesson.id)
                 .with_for_update()
-                .execution_options(populate_existing=True)
             )
-        ).scalars()
+        ).mappings()
     }
     account_ids = sorted({c.account_id for c in contracts.values()})
     accounts = {
-        a.id: a
-        for a in (
+        account_id: SimpleNamespace(state=state)
+        for account_id, state in (
             await session.execute(
-                select(EscrowAccount)
+                select(EscrowAccount.id, EscrowAccount.state)
                 .where(EscrowAccount.id.in_(account_ids))
                 .order_by(EscrowAccount.id)
                 .with_for_update(read=True)
-                .execution_options(populate_existing=True)
             )
-        ).scalars()
+        ).all()
     }
     codes = [code for c in contract_ids for code in (ledger.escrow(c), ledger.reserve(c))]
     bal = await ledger.cached_balances(session, codes)
     policy_of: dict[str, FundsPolicy] = {}
     postings: list[Posting] = []
-    answers: list[Lesson | Problem] = []
-    touched: dict[str, Contract] = {}
+    answers: list[dict[str, Any] | Problem] = []
+    confirmed: list[dict[str, Any]] = []
+    touched: dict[str, Any] = {}
     for principal, lesson_id in requests:
         lesson = locked.get(lesson_id)
-        contract = None if lesson is None else contracts.get(lesson.contract_id)
+        contract = None if lesson is None else contracts.get(lesson["contract_id"])
         if lesson is None or contract is None or principal.person_id != contract.guardian_id:
             answers.append(not_found("课次不存在。"))
             continue
-        if lesson.status != "reported":
+        if lesson["status"] != "reported":
             answers.append(
-                conflict("该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson.status)
+                conflict(
+                    "该课次已确认或已提出异议。", rule="FUND-04", current_status=lesson["status"]
+                )
             )
             continue
         if contract.region_id not in policy_of:
             policy_of[contract.region_id] = await funds_policy(
                 session, policies, contract.region_id, today
             )
-        lesson.answered_at = utcnow()
-        lesson.status = "confirmed"
+        lesson["status"] = "confirmed"
         contract.reported_lessons -= 1
         contract.confirmed_lessons += 1
         postings += _settle_postings(
             contract, accounts[contract.account_id], policy_of[contract.region_id], bal
         )
         touched[contract.id] = contract
+        confirmed.append(lesson)
         answers.append(lesson)
     if postings:
         await ledger.post_many(session, postings)
-    for contract in touched.values():
-        if contract.released_lessons == contract.confirmed_lessons:
-            for answer in answers:
-                if isinstance(answer, Lesson) and answer.contract_id == contract.id:
-                    answer.released = True
-    await session.flush()
-    for contract in touched.values():
-        await _mark_released(session, contract)
+    now = utcnow()
+    released_ids: dict[bool, list[str]] = {True: [], False: []}
+    for lesson in confirmed:
+        contract = touched[lesson["contract_id"]]
+        lesson["released"] = contract.released_lessons == contract.confirmed_lessons
+        released_ids[lesson["released"]].append(lesson["id"])
+    lessons_table = Lesson.__table__
+    for released, lesson_ids in released_ids.items():
+        if lesson_ids:
+            await session.execute(
+                lessons_table.update()
+                .where(_among(session, lessons_table.c.id, lesson_ids))
+                .values(status="confirmed", answered_at=now, released=released)
+            )
+    if touched:
+        await _write_progress(session, list(touched.values()), now)
+    _expire(session, Lesson, {lesson["id"] for lesson in confirmed})
+    await _release_earlier(session, touched.values())
     return answers
 
 

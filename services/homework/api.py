@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from chassis.app import DB, Ctx
 from chassis.auth import CurrentPrincipal
+from chassis.csvexport import CSV_OPENAPI, csv_response, render
 from chassis.errors import FieldError, Problem, not_found
 from services.homework import exports, schemas, service
 from services.homework.models import roster
@@ -416,17 +417,8 @@ async def warnings(
 
 CSV_RESPONSE = {
     "response_class": Response,
-    "responses": {200: {"content": {"text/csv": {}}, "description": "UTF-8（带 BOM）CSV"}},
+    "responses": CSV_OPENAPI,
 }
-
-
-def csv_response(name: str, text: str) -> Response:
-    """An attachment Excel opens with Chinese intact (UTF-8 with BOM)."""
-    return Response(
-        content=text.encode("utf-8"),
-        media_type=exports.MEDIA_TYPE,
-        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
-    )
 
 
 def _suffix(span: DateRange) -> str:
@@ -449,7 +441,7 @@ async def oversight_csv(
     report = await service.oversight_report(
         ctx, principal, span.start, span.to, region_id, school_id
     )
-    text = exports.render(exports.SCHOOLS_COLUMNS, exports.schools_rows(report))
+    text = render(exports.SCHOOLS_COLUMNS, exports.schools_rows(report))
     return csv_response(f"homework-oversight-{_suffix(span)}", text)
 
 
@@ -469,7 +461,7 @@ async def refusals_csv(
     report = await service.oversight_report(
         ctx, principal, span.start, span.to, region_id, school_id
     )
-    text = exports.render(exports.REFUSALS_COLUMNS, exports.refusals_rows(report))
+    text = render(exports.REFUSALS_COLUMNS, exports.refusals_rows(report))
     return csv_response(f"homework-refusals-{_suffix(span)}", text)
 
 
@@ -489,7 +481,7 @@ async def grades_csv(
     report = await service.oversight_report(
         ctx, principal, span.start, span.to, region_id, school_id
     )
-    text = exports.render(exports.GRADES_COLUMNS, exports.grades_rows(report))
+    text = render(exports.GRADES_COLUMNS, exports.grades_rows(report))
     return csv_response(f"homework-grades-{_suffix(span)}", text)
 
 
@@ -507,7 +499,7 @@ async def alerts_csv(
     school_id: str | None = None,
 ) -> Response:
     items = await service.list_alerts(ctx, principal, status, region_id, school_id)
-    text = exports.render(exports.ALERTS_COLUMNS, exports.alerts_rows(items))
+    text = render(exports.ALERTS_COLUMNS, exports.alerts_rows(items))
     return csv_response(f"homework-alerts-{status or 'all'}", text)
 
 
@@ -528,7 +520,7 @@ async def estimate_gaps_csv(
     items = await service.estimate_gaps(
         ctx, principal, span.start, span.to, region_id, school_id, flagged_only
     )
-    text = exports.render(exports.GAPS_COLUMNS, exports.gaps_rows(items))
+    text = render(exports.GAPS_COLUMNS, exports.gaps_rows(items))
     return csv_response(f"homework-estimate-gaps-{_suffix(span)}", text)
 
 
@@ -548,5 +540,5 @@ async def warnings_csv(
     items = await service.acknowledged_warnings(
         ctx, principal, span.start, span.to, region_id, school_id
     )
-    text = exports.render(exports.WARNINGS_COLUMNS, exports.warnings_rows(items))
+    text = render(exports.WARNINGS_COLUMNS, exports.warnings_rows(items))
     return csv_response(f"homework-acknowledged-warnings-{_suffix(span)}", text)

@@ -8,42 +8,12 @@ teachers, rules and alerts.
 
 from __future__ import annotations
 
-import csv
-import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, Final
 
 from services.homework import schemas
 
-#: Excel opens a UTF-8 file with Chinese text correctly only with a BOM.
-BOM: Final = "\ufeff"
-MEDIA_TYPE: Final = "text/csv; charset=utf-8"
 RULES: Final = ("HW-02", "HW-03", "HW-04", "HW-05")
-#: A cell starting with one of these is a formula to a spreadsheet (CSV injection).
-_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
-
-
-def cell(value: Any) -> Any:
-    """One CSV cell: None is empty, booleans are 1/0, text that a spreadsheet
-    would run as a formula is quoted with a leading apostrophe."""
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
-    if isinstance(value, (list, tuple)):
-        return "；".join(str(v) for v in value)
-    return value
-
-
-def render(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """The CSV text, BOM first, CRLF line ends (RFC 4180)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(columns)
-    writer.writerows([cell(v) for v in row] for row in rows)
-    return BOM + buffer.getvalue()
 
 
 def _stats(s: schemas.MinutesStats) -> list[Any]:

@@ -320,7 +320,8 @@ async def test_as08_region_oversight_figures_below_target_and_csv(svc, mint):
         "/oversight/regions/jinhua", params={"term": TERM, "format": "csv"}, headers=auth(bureau)
     )
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
-    table = list(csv.DictReader(io.StringIO(r.text)))
+    assert r.text.startswith("\ufeff")  # Excel needs the BOM for Chinese
+    table = list(csv.DictReader(io.StringIO(r.text.removeprefix("\ufeff"))))
     assert {row["school_id"] for row in table} == {served_school.id, low.id, no_plan.id}
     # Another region's bureau, a school admin for the whole region: 404.
     other = mint("bureau", tenants=["region:weihai-huancui"])

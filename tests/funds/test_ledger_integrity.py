@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import signal
 import subprocess
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -169,3 +172,57 @@ async def test_fund09_killed_writer_leaves_no_half_transaction(funds: Funds) -> 
     for seq in legs:
         counts[seq] = counts.get(seq, 0) + 1
     assert set(counts.values()) == {3} and len(counts) == chain["transactions"]
+
+
+_text = st.text(max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seq=st.integers(min_value=1, max_value=2**62),
+    prev=st.text(alphabet="0123456789abcdef", min_size=64, max_size=64),
+    kind=_text,
+    ref=_text,
+    memo=_text,
+    bank_ref=st.none() | _text,
+    bank_id=st.none() | _text,
+    offset_minutes=st.integers(min_value=-720, max_value=840),
+    micros=st.integers(min_value=0, max_value=10**15),
+    legs=st.lists(
+        st.tuples(st.text(max_size=20), st.integers(min_value=-(2**62), max_value=2**62)),
+        min_size=2,
+        max_size=5,
+    ),
+)
+def test_fund09_fast_canonical_hash_equals_the_reference_encoding(
+    seq: int,
+    prev: str,
+    kind: str,
+    ref: str,
+    memo: str,
+    bank_ref: str | None,
+    bank_id: str | None,
+    offset_minutes: int,
+    micros: int,
+    legs: list[tuple[str, int]],
+) -> None:
+    """FUND-09: the posting path's hand-written canonical JSON hashes to exactly
+    what ``transaction_hash`` (json.dumps of the sorted dict, which the
+    verifier uses) gives, for any text (quotes, escapes, CJK, control
+    characters), so chains written by either verify with both."""
+    zone = dt.timezone(dt.timedelta(minutes=offset_minutes))
+    at = dt.datetime(2020, 1, 1, tzinfo=dt.UTC).astimezone(zone) + dt.timedelta(microseconds=micros)
+    numbered = [(i, account, amount) for i, (account, amount) in enumerate(reversed(legs))]
+    reference = ledger.transaction_hash(
+        seq=seq,
+        prev_hash=prev,
+        kind=kind,
+        ref=ref,
+        memo=memo,
+        bank_ref=bank_ref,
+        bank_id=bank_id,
+        posted_at=at,
+        legs=numbered,
+    )
+    fast = ledger.canonical_hash(seq, prev, kind, ref, memo, bank_ref, bank_id, at, numbered)
+    assert fast == reference
