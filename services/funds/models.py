@@ -54,6 +54,7 @@ class Institution(Base):
     reregistration_pending: Mapped[bool] = mapped_column(Boolean, default=False)
     can_charge: Mapped[bool] = mapped_column(Boolean, default=False)
     licence_number: Mapped[str | None] = mapped_column(String(64))
+    licence_valid_until: Mapped[date | None] = mapped_column(Date)
     facts_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

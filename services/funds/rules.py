@@ -36,6 +36,8 @@ class InstitutionFacts:
     can_charge: bool
     blacklisted: bool
     reregistration_pending: bool
+    #: The licence's last valid day (institutions' facts); None when unknown.
+    licence_valid_until: dt.date | None = None
 
 
 @dataclass(frozen=True)
@@ -80,14 +82,22 @@ def check_account(account_state: str | None) -> Refusal | None:
     return None
 
 
-def check_institution(inst: InstitutionFacts | None) -> Refusal | None:
-    """FUND-02 / INST-02: who may charge at all."""
+def check_institution(inst: InstitutionFacts | None, today: dt.date) -> Refusal | None:
+    """FUND-02 / INST-02: who may charge at all. A licence past its validity
+    is no licence, although no event said so (expiry is a date, not a
+    transition)."""
     if inst is None or inst.status not in ("licensed",):
         status = None if inst is None else inst.status
         return Refusal(
             "FUND-02",
             "该机构未取得有效办学许可（未许可、暂停或吊销），不得收费。",
             {"licence_status": status},
+        )
+    if inst.licence_valid_until is not None and inst.licence_valid_until < today:
+        return Refusal(
+            "FUND-02",
+            "该机构的办学许可证已过有效期，不得收费。",
+            {"licence_valid_until": inst.licence_valid_until.isoformat()},
         )
     if inst.blacklisted:
         return Refusal("FUND-02", "该机构已列入黑名单，不得收费。", {"blacklisted": True})
@@ -106,7 +116,7 @@ def check_purchase(
     policy: FundsPolicy,
 ) -> Refusal | None:
     """FUND-01/02 (+INST-02): the first reason a purchase is refused, or None."""
-    refusal = check_institution(inst) or check_account(account_state)
+    refusal = check_institution(inst, req.today) or check_account(account_state)
     if refusal is not None:
         return refusal
     if course is None or course.institution_id != req.institution_id:

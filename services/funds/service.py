@@ -144,6 +144,7 @@ async def on_institution_facts(session: AsyncSession, envelope: Envelope) -> Non
         "reregistration_pending": facts.reregistration_pending,
         "can_charge": facts.can_charge,
         "licence_number": facts.licence_number,
+        "licence_valid_until": facts.licence_valid_until,
         "facts_at": facts.occurred_at,
     }
     if existing is None:
@@ -502,7 +503,11 @@ async def purchase(
         None
         if inst is None
         else rules.InstitutionFacts(
-            inst.status, inst.can_charge, inst.blacklisted, inst.reregistration_pending
+            inst.status,
+            inst.can_charge,
+            inst.blacklisted,
+            inst.reregistration_pending,
+            inst.licence_valid_until,
         ),
         None if account is None else account.state,
         None

@@ -14,7 +14,7 @@ from contracts import institutions as inst
 from services.funds.api import sign
 from services.funds.models import Contract, JournalTransaction
 from tests.funds.harness import TODAY, Funds, facts
-from tests.support import auth
+from tests.support import auth, eventually
 
 
 async def test_fund02_purchase_refusals_carry_rule_ids(funds: Funds) -> None:
@@ -90,6 +90,33 @@ async def test_fund03_contract_document_on_the_standard_template(funds: Funds) -
     text = r.text
     assert "示范文本" in text and "12 课时" in text and "1200.00 元" in text
     assert "退费金额 = 未消课时数 × 课时单价" in text and contract["id"] in text
+
+
+async def test_fund02_an_expired_licence_cannot_sell(funds: Funds) -> None:
+    parent = await funds.family("g1", "s1")
+    await funds.ready_institution("i1", "c1")
+    yesterday = TODAY - dt.timedelta(days=1)
+    await funds.license("i1", licence_valid_until=yesterday.isoformat())
+
+    async def expiry_seen() -> bool:
+        row = await funds.institution("i1")
+        return row is not None and row.licence_valid_until == yesterday
+
+    await eventually(expiry_seen)
+    r = await funds.post("/contracts", parent, funds.purchase_body("i1", "c1", "s1"))
+    assert r.status_code == 422 and r.json()["rule"] == "FUND-02", r.text
+    assert r.json()["licence_valid_until"] == yesterday.isoformat()
+    # Renewed: the same institution sells again.
+    renewed = TODAY + dt.timedelta(days=365)
+    await funds.license("i1", licence_valid_until=renewed.isoformat())
+
+    async def renewal_seen() -> bool:
+        row = await funds.institution("i1")
+        return row is not None and row.licence_valid_until == renewed
+
+    await eventually(renewal_seen)
+    r = await funds.post("/contracts", parent, funds.purchase_body("i1", "c1", "s1"))
+    assert r.status_code == 201, r.text
 
 
 async def test_fund02_money_enters_escrow_only_on_signed_bank_confirmation(funds: Funds) -> None:

@@ -14,6 +14,7 @@ from services.funds import rules
 REG = PolicyRegistry.load()
 NATIONAL = REG.profile("national").funds
 D = dt.date(2026, 3, 2)  # a Monday
+ONE_DAY = dt.timedelta(days=1)
 
 LICENSED = rules.InstitutionFacts("licensed", True, False, False)
 COURSE = rules.CourseFacts("i1", 10000, 60, dt.date(2026, 1, 1), dt.date(2026, 12, 31))
@@ -49,11 +50,26 @@ def test_fund02_a_valid_purchase_passes() -> None:
         (rules.InstitutionFacts("revoked", False, False, False), "FUND-02"),
         (rules.InstitutionFacts("licensed", True, True, False), "FUND-02"),
         (rules.InstitutionFacts("licensed", False, False, True), "INST-02"),
+        # A licence past its last valid day, although no event said so.
+        (
+            rules.InstitutionFacts("licensed", True, False, False, D - dt.timedelta(days=1)),
+            "FUND-02",
+        ),
     ],
 )
 def test_fund02_inst02_who_may_charge(inst: rules.InstitutionFacts | None, rule: str) -> None:
     refusal = check(inst=inst)
     assert refusal is not None and refusal.rule == rule
+
+
+def test_fund02_a_licence_sells_through_its_last_valid_day() -> None:
+    assert check(inst=rules.InstitutionFacts("licensed", True, False, False, D)) is None
+    refusal = check(
+        inst=rules.InstitutionFacts("licensed", True, False, False, D),
+        today=D + dt.timedelta(days=1),
+    )
+    assert refusal is not None and refusal.rule == "FUND-02"
+    assert refusal.facts == {"licence_valid_until": D.isoformat()}
 
 
 def test_fund01_no_active_account_no_sale_and_fund07_frozen() -> None:
