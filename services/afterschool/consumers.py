@@ -3,6 +3,8 @@ black-list transitions keep the bureau's catalog (校外机构目录库) current
 
 from __future__ import annotations
 
+import datetime as dt
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -52,19 +54,25 @@ async def apply_institution_facts(session: AsyncSession, facts: inst.Institution
     entry.status = facts.status
     entry.blacklisted = facts.blacklisted
     entry.can_enroll = facts.can_enroll
+    entry.licence_valid_until = facts.licence_valid_until
     entry.reason = facts.reason
     entry.occurred_at = facts.occurred_at
     entry.synced_at = utcnow()
     if facts.can_enroll and not facts.blacklisted:
         return
+    reason = f"提供机构{facts.name}已{_status_zh(facts)}，移出校外机构目录库：{facts.reason}"
+    await flag_institution_courses(session, facts.institution_id, reason)
+
+
+async def flag_institution_courses(session: AsyncSession, institution_id: str, reason: str) -> int:
+    """AS-03: the institution's active courses are flagged (no new seats, no
+    "full" remembered) and their parents told; returns how many."""
     courses = (
         await session.execute(
-            select(Course).where(
-                Course.institution_id == facts.institution_id, Course.status == "active"
-            )
+            select(Course).where(Course.institution_id == institution_id, Course.status == "active")
         )
     ).scalars()
-    reason = f"提供机构{facts.name}已{_status_zh(facts)}，移出校外机构目录库：{facts.reason}"
+    flagged = 0
     for course in list(courses):
         course.status = "flagged"
         course.flag_reason = reason
@@ -81,11 +89,39 @@ async def apply_institution_facts(session: AsyncSession, facts: inst.Institution
             ev.CourseFlagged(
                 id=course.id,
                 school_id=course.school_id,
-                institution_id=facts.institution_id,
+                institution_id=institution_id,
                 reason=reason,
                 affected_student_ids=sorted(students),
             ),
         )
+        flagged += 1
+    return flagged
+
+
+async def flag_lapsed_licences(session: AsyncSession, today: dt.date) -> int:
+    """AS-03: institutions whose licence passed its validity date leave the
+    catalog although no event said so; their active courses are flagged.
+    Idempotent (only active courses are flagged); returns how many."""
+    lapsed = (
+        await session.execute(
+            select(CatalogInstitution)
+            .where(CatalogInstitution.licence_valid_until < today)
+            .where(
+                CatalogInstitution.institution_id.in_(
+                    select(Course.institution_id).where(Course.status == "active")
+                )
+            )
+        )
+    ).scalars()
+    flagged = 0
+    for entry in list(lapsed):
+        assert entry.licence_valid_until is not None
+        reason = (
+            f"提供机构{entry.name}的办学许可证已于 {entry.licence_valid_until.isoformat()} "
+            "到期，移出校外机构目录库"
+        )
+        flagged += await flag_institution_courses(session, entry.institution_id, reason)
+    return flagged
 
 
 def _status_zh(facts: inst.InstitutionFacts) -> str:

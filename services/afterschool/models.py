@@ -78,6 +78,8 @@ class CatalogInstitution(Base):
     status: Mapped[str] = mapped_column(String(16))
     blacklisted: Mapped[bool] = mapped_column(Boolean)
     can_enroll: Mapped[bool] = mapped_column(Boolean)
+    # The licence's last valid day: expiry is a date no event announces.
+    licence_valid_until: Mapped[dt.date | None] = mapped_column(Date)
     reason: Mapped[str] = mapped_column(Text, default="")
     occurred_at: Mapped[dt.datetime] = mapped_column()
     synced_at: Mapped[dt.datetime] = mapped_column(default=utcnow)

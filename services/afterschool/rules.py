@@ -225,9 +225,10 @@ def check_interest_daily(
     return None
 
 
-def check_institution_provider(entry: dict[str, Any] | None) -> Violation | None:
-    """AS-03: an institution provider must be in the bureau's catalog: licensed,
-    non-subject, not blacklisted, may enroll."""
+def check_institution_provider(entry: dict[str, Any] | None, today: dt.date) -> Violation | None:
+    """AS-03: an institution provider must be in the bureau's catalog: licensed
+    (and the licence not past its validity), non-subject, not blacklisted,
+    may enroll."""
     if entry is None:
         return Violation("AS-03", "该机构不在教育局校外机构目录库中。")
     if entry["category"] == "subject":
@@ -238,7 +239,18 @@ def check_institution_provider(entry: dict[str, Any] | None) -> Violation | None
             "该机构已暂停、吊销或列入黑名单，已移出校外机构目录库。",
             {"licence_status": entry["status"], "blacklisted": entry["blacklisted"]},
         )
+    if licence_lapsed(entry.get("licence_valid_until"), today):
+        return Violation(
+            "AS-03",
+            "该机构的办学许可证已过有效期，已移出校外机构目录库。",
+            {"licence_valid_until": entry["licence_valid_until"].isoformat()},
+        )
     return None
+
+
+def licence_lapsed(valid_until: dt.date | None, today: dt.date) -> bool:
+    """A licence is valid through its last day; unknown validity is not lapsed."""
+    return valid_until is not None and valid_until < today
 
 
 def check_external_share(policy: AfterschoolPolicy, external: int, total: int) -> Violation | None:

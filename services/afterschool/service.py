@@ -357,6 +357,7 @@ async def catalog_entry(session: AsyncSession, institution_id: str) -> dict[str,
         "blacklisted": row.blacklisted,
         "status": row.status,
         "region_id": row.region_id,
+        "licence_valid_until": row.licence_valid_until,
     }
 
 
@@ -387,7 +388,7 @@ async def add_course(
             entry = await catalog_entry(session, data.institution_id)
             if entry is not None and entry["region_id"] != plan.region_id:
                 entry = None
-            _raise(rules.check_institution_provider(entry))
+            _raise(rules.check_institution_provider(entry, local_today()))
         elif data.institution_id:
             raise Problem(
                 422,
@@ -1111,7 +1112,7 @@ async def reapprove_course(
         )
         if entry is not None and entry["region_id"] != plan.region_id:
             entry = None
-        _raise(rules.check_institution_provider(entry), status=409)
+        _raise(rules.check_institution_provider(entry, local_today()), status=409)
         profile = profile_for(policies, plan.region_id)
         counts = (
             await session.execute(

@@ -372,3 +372,95 @@ async def test_as03_course_flagged_while_sold_out_is_not_answered_full_from_memo
     r = await enroll(svc.client, tokens[2], school.students[2], course["id"], waitlist=False)
     assert r.status_code == 409 and r.json()["rule"] == "AS-03"
     assert not r.json().get("full")
+
+
+async def test_as03_a_lapsed_licence_leaves_the_catalog_without_an_event(svc, mint):
+    """Expiry is a date, not a transition: no event says it. The daily job
+    flags the courses of an institution whose licence passed its last valid
+    day, once, and such an institution cannot be chosen as a provider."""
+    from chassis.messaging import outbox_table
+    from services.afterschool import service
+    from services.afterschool.app import run_licence_expiry
+    from services.afterschool.consumers import flag_lapsed_licences
+
+    school = await seed_school(svc.ctx.db, students=1)
+    token = admin_token(mint, school)
+    today = service.local_today()
+    institution_id = str(uuid.uuid4())
+    await publish(
+        svc,
+        facts(
+            inst.LicenceGranted,
+            institution_id,
+            status="licensed",
+            can_enroll=True,
+            licence_valid_until=today,  # valid through today
+        ),
+    )
+    plan = await make_plan(svc.client, token, school)
+    for i in range(3):
+        await add_course(
+            svc.client,
+            token,
+            plan["id"],
+            course_body(school, name=f"作业辅导{i}", kind="homework_guidance"),
+        )
+    body = course_body(
+        school,
+        name="足球",
+        provider_type="institution",
+        provider_name="金华青少年体育俱乐部",
+        institution_id=institution_id,
+        teacher_id=None,
+        start="16:30",
+        end="17:30",
+        capacity=5,
+    )
+
+    async def course_added():
+        r = await svc.client.post(f"/plans/{plan['id']}/courses", json=body, headers=auth(token))
+        return r.json() if r.status_code == 201 else None
+
+    course = await eventually(course_added)
+    # Today the job changes nothing: the licence is still valid.
+    assert await run_licence_expiry(svc.ctx) == {"flagged": 0}
+    # Tomorrow it has lapsed: the course is flagged and its parents told, once.
+    tomorrow = today + dt.timedelta(days=1)
+    async with svc.ctx.db.transaction() as session:
+        assert await flag_lapsed_licences(session, tomorrow) == 1
+    async with svc.ctx.db.transaction() as session:
+        assert await flag_lapsed_licences(session, tomorrow) == 0  # idempotent
+    async with svc.ctx.db.read() as session:
+        c = await session.get(Course, course["id"])
+        assert c.status == "flagged" and "到期" in c.flag_reason
+        flagged_events = (
+            await session.execute(
+                select(outbox_table.c.payload).where(
+                    outbox_table.c.type == "afterschool.course.flagged.v1"
+                )
+            )
+        ).all()
+    assert len(flagged_events) == 1
+    # A licence that has lapsed cannot provide a new course (AS-03).
+    await publish(
+        svc,
+        facts(
+            inst.LicenceGranted,
+            institution_id,
+            status="licensed",
+            can_enroll=True,
+            licence_valid_until=today - dt.timedelta(days=1),
+        ),
+    )
+
+    async def lapsed_refusal():
+        r = await svc.client.post(
+            f"/plans/{plan['id']}/courses",
+            json={**body, "name": "篮球"},
+            headers=auth(token),
+        )
+        return r.json() if r.status_code == 422 else None
+
+    problem = await eventually(lapsed_refusal)
+    assert problem["rule"] == "AS-03"
+    assert problem["licence_valid_until"] == (today - dt.timedelta(days=1)).isoformat()

@@ -99,11 +99,18 @@ def test_as02_kinds_and_one_plus_one_by_profile():
 
 def test_as03_catalog_entry_and_external_share_exact():
     ok = {"category": "sports", "can_enroll": True, "blacklisted": False, "status": "licensed"}
-    assert rules.check_institution_provider(ok) is None
-    assert rules.check_institution_provider(None).rule == "AS-03"
-    assert rules.check_institution_provider({**ok, "category": "subject"}).rule == "AS-03"
-    assert rules.check_institution_provider({**ok, "can_enroll": False, "status": "suspended"})
-    assert rules.check_institution_provider({**ok, "blacklisted": True})
+    day = dt.date(2026, 9, 1)
+    check = rules.check_institution_provider
+    assert check(ok, day) is None
+    assert check(None, day).rule == "AS-03"
+    assert check({**ok, "category": "subject"}, day).rule == "AS-03"
+    assert check({**ok, "can_enroll": False, "status": "suspended"}, day)
+    assert check({**ok, "blacklisted": True}, day)
+    # A licence is valid through its last day, and lapses the day after.
+    assert check({**ok, "licence_valid_until": day}, day) is None
+    lapsed = check({**ok, "licence_valid_until": day}, day + dt.timedelta(days=1))
+    assert lapsed and lapsed.rule == "AS-03"
+    assert lapsed.facts == {"licence_valid_until": "2026-09-01"}
     assert rules.check_external_share(NATIONAL, 3, 10) is None  # exactly 30 %
     v = rules.check_external_share(NATIONAL, 31, 100)
     assert v and v.rule == "AS-03"
