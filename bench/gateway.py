@@ -82,6 +82,11 @@ def serve_gateway(port: int, jwks_file: str) -> None:
     os.environ.setdefault("GC_FREEZE", "true")  # as `shuangjian serve` does
     jwks = json.loads(Path(jwks_file).read_text())
     app = create_app(GatewaySettings(), key_source=StaticKeySource(jwks))
+    if os.environ.get("GATEWAY_SERVER", "fast") != "uvicorn":
+        from gateway.server import run
+
+        run(app, "127.0.0.1", port)  # as `shuangjian serve gateway`
+        return
     uvicorn.run(
         app,
         host="127.0.0.1",
