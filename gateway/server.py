@@ -130,6 +130,8 @@ class HttpConnection(asyncio.Protocol):
         self.current: Request | None = None
         self.queue: collections.deque[Request] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
+        self.busy = False  # a request is queued or being answered
+        self._idle: asyncio.Future[None] | None = None
         self.closed = False
         self.paused_reading = False
         self.peer = ""
@@ -173,6 +175,8 @@ class HttpConnection(asyncio.Protocol):
             self._drain.set_result(None)
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
+        if self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -251,16 +255,30 @@ class HttpConnection(asyncio.Protocol):
 
     def _enqueue(self, req: Request) -> None:
         self.queue.append(req)
+        self.busy = True
         if len(self.queue) > MAX_QUEUED and not self.paused_reading and self.transport:
             self.paused_reading = True
             self.transport.pause_reading()
         if self.worker is None:
             self.worker = self.srv.loop.create_task(self._run())
+        elif self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     async def _run(self) -> None:
+        """Answers the queued requests in order, then waits for the next
+        (one task per connection, not one per request)."""
         try:
             queue = self.queue
-            while queue and not self.closed:
+            while not self.closed:
+                if not queue:
+                    self.busy = False
+                    self._idle = self.srv.loop.create_future()
+                    try:
+                        await self._idle
+                    finally:
+                        self._idle = None
+                    continue
+                self.busy = True
                 req = queue.popleft()
                 if self.paused_reading and not req.bad and len(queue) <= MAX_QUEUED // 2:
                     self.paused_reading = False
@@ -268,13 +286,14 @@ class HttpConnection(asyncio.Protocol):
                     self.transport.resume_reading()
                 keep = await self.srv.handle(self, req)
                 self.last = self.srv.loop.time()
-                if not keep:
+                if not keep or self.srv.stopping:
                     self.close()
                     break
         except Exception:  # pragma: no cover - handle() answers its own errors
             log.exception("connection_failed")
             self.close()
         finally:
+            self.busy = False
             self.worker = None
 
     # -- writing ----------------------------------------------------------------
@@ -321,6 +340,7 @@ class GatewayServer:
         self.date = _Date()
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self.stopping = False
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (useful with port 0)."""
@@ -336,7 +356,7 @@ class GatewayServer:
             await asyncio.sleep(1.0)
             now = self.loop.time()
             for conn in list(self.conns):
-                if conn.worker is None and now - conn.last > self.keepalive:
+                if not conn.busy and now - conn.last > self.keepalive:
                     conn.close()
 
     async def shutdown(self, grace: float = 5.0) -> None:
@@ -347,7 +367,11 @@ class GatewayServer:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        workers = {c.worker for c in self.conns if c.worker is not None}
+        self.stopping = True
+        for conn in list(self.conns):
+            if not conn.busy:
+                conn.close()
+        workers = {c.worker for c in self.conns if c.busy and c.worker is not None}
         if workers:
             await asyncio.wait(workers, timeout=grace)
         for conn in list(self.conns):

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -132,6 +133,8 @@ class AccessLog:
         self._pending: list[str] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._encode = json.JSONEncoder(ensure_ascii=False).encode
+        self._second = -1
+        self._prefix = ""
 
     def configure(self, *, json_lines: bool, level: str) -> None:
         """Follow the platform's logging settings (called at start-up)."""
@@ -152,7 +155,7 @@ class AccessLog:
             return
         fields["event"] = "request"
         fields["level"] = "info"
-        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        fields["timestamp"] = self._timestamp()
         pending = self._pending
         pending.append(self._encode(fields))
         if len(pending) >= self.MAX_PENDING:
@@ -164,6 +167,16 @@ class AccessLog:
                 self.flush()
                 return
             self._flush_handle = loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def _timestamp(self) -> str:
+        """As structlog's TimeStamper(fmt="iso", utc=True) writes it, the
+        date and time formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
     def flush(self) -> None:
         if self._flush_handle is not None:
