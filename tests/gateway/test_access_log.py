@@ -39,3 +39,38 @@ async def test_gw04_access_log_follows_the_log_level() -> None:
     log(request_id="r", status=200)
     await log.close()
     assert stream.getvalue() == ""
+
+
+async def test_gw04_access_log_request_line_is_the_same_object_as_the_generic_one() -> None:
+    fields = {
+        "request_id": "r-1",
+        "method": "POST",
+        "path": '/api/v1/homework/作业/"quoted"\\x',
+        "route": "/api/v1/homework/*",
+        "status": 201,
+        "duration_ms": 1.25,
+        "upstream": "homework",
+        "upstream_ms": 0.5,
+        "client_id": "平台\n1",
+        "client_ip": "10.0.0.1",
+    }
+    generic, direct = io.StringIO(), io.StringIO()
+    for stream, write in ((generic, "generic"), (direct, "direct")):
+        log = AccessLog(True)
+        log.configure(json_lines=True, level="INFO")
+        log.stream = stream
+        if write == "generic":
+            log(**fields)
+            log(**{**fields, "upstream": None, "upstream_ms": None, "client_id": None})
+        else:
+            log.request(*fields.values())
+            log.request(
+                *{**fields, "upstream": None, "upstream_ms": None, "client_id": None}.values()
+            )
+        await log.close()
+    a = [json.loads(line) for line in generic.getvalue().splitlines()]
+    b = [json.loads(line) for line in direct.getvalue().splitlines()]
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b, strict=True):
+        assert x.pop("timestamp")[:16] == y.pop("timestamp")[:16]
+        assert list(x) == list(y) and x == y
