@@ -38,6 +38,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import MutableMapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
@@ -655,7 +656,7 @@ class GatewayServer:
             await conn.disconnected()
             return {"type": "http.disconnect"}
 
-        async def send(message: dict[str, Any]) -> None:
+        async def send(message: MutableMapping[str, Any]) -> None:
             nonlocal started, finished, chunked, keep, has_length
             kind = message["type"]
             if kind == "http.response.start":
