@@ -69,6 +69,8 @@ log = structlog.get_logger("gateway.server")
 # Upstream response headers the fast path does not pass on: hop-by-hop ones,
 # and those it writes itself (framing, date, the request id).
 RESPONSE_SKIP = HOP_BY_HOP | {b"date", b"server", b"x-request-id", b"content-length"}
+MAX_HEAD = 64 * 1024  # request line and headers; beyond: 400
+MAX_HEADERS = 256
 MAX_QUEUED = 16  # parsed requests waiting on one connection before reading pauses
 _REASONS = {s.value: f"{s.value} {s.phrase}".encode() for s in HTTPStatus}
 PROBLEM_TYPE = PROBLEM_MEDIA_TYPE.encode()
@@ -100,6 +102,7 @@ class Request:
         "body",
         "chunks",
         "expect_continue",
+        "head_size",
         "headers",
         "http_version",
         "keep_alive",
@@ -121,6 +124,7 @@ class Request:
         self.too_large = False
         self.bad = ""
         self.expect_continue = False
+        self.head_size = 0
 
 
 class HttpConnection(asyncio.Protocol):
@@ -193,12 +197,20 @@ class HttpConnection(asyncio.Protocol):
         self.current = Request()
 
     def on_url(self, url: bytes) -> None:
-        assert self.current is not None
-        self.current.url += url
+        req = self.current
+        assert req is not None
+        req.url += url
+        req.head_size += len(url)
+        if req.head_size > MAX_HEAD:
+            raise ValueError("request head too large")  # feed_data raises: a 400
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.current is not None
-        self.current.headers.append((name.lower(), value))
+        req = self.current
+        assert req is not None
+        req.headers.append((name.lower(), value))
+        req.head_size += len(name) + len(value) + 4
+        if req.head_size > MAX_HEAD or len(req.headers) > MAX_HEADERS:
+            raise ValueError("request head too large")
 
     def on_headers_complete(self) -> None:
         req = self.current

@@ -144,6 +144,9 @@ async def test_gw01_malformed_request_gets_400_and_the_server_keeps_serving(
         b"GET /api/v1/homework/x HTTP/1.1\r\nHost gw\r\n\r\n",  # header without colon
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # TLS hello
         b"GET /api/v1/homework/x HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+        # A head without end is not buffered without end.
+        b"GET /api/v1/homework/x HTTP/1.1\r\n" + b"X-Pad: " + b"a" * 70_000 + b"\r\n\r\n",
+        b"GET /api/v1/homework/x HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 300 + b"\r\n",
     ):
         conn = await Conn.open(gateway)
         await conn.send(garbage)
