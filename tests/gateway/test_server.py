@@ -245,3 +245,26 @@ async def test_gw01_gateway_routes_answer_through_the_bridge(
     assert status == 200 and json.loads(body)["openapi"].startswith("3.1")
     conn.close()
     assert echo.hits == []
+
+
+async def test_gw01_shutdown_lets_requests_in_flight_finish_and_closes_idle_connections(
+    fast: tuple[Echo, str], served: Served, mint: Any
+) -> None:
+    echo, gateway = fast
+    token = mint("teacher")
+    idle = await Conn.open(gateway)
+    await idle.send(get("/api/v1/homework/warm", token))
+    assert (await idle.response())[0] == 200
+    busy = await Conn.open(gateway)
+    await busy.send(get("/api/v1/homework/slow", token))  # the service takes 2 s
+    while not any(h["path"] == "/slow" for h in echo.hits):
+        await asyncio.sleep(0.01)
+    stopping = asyncio.create_task(served.stop(gateway))
+    assert await idle.closed_by_server()  # idle keep-alive connections go at once
+    status, _, body = await busy.response()  # the one in flight is answered
+    assert status == 200 and json.loads(body)["path"] == "/slow"
+    await stopping
+    with pytest.raises(OSError):
+        await Conn.open(gateway)  # and nothing listens any more
+    idle.close()
+    busy.close()
