@@ -54,7 +54,6 @@ log = structlog.get_logger("gateway")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 READY_CACHE_SECONDS = 1.0
-GC_YOUNG_THRESHOLD = 20_000
 
 
 def _problem(request: Request, problem: Problem, **extra: Any) -> JSONResponse:
@@ -172,12 +171,6 @@ def create_app(
                 # nothing, while every request in flight waited; now ~1 ms.
                 gc.collect()
                 gc.freeze()
-                # And young collections less often: each one walks the objects
-                # of every request in flight (measured ~10% of the gateway's
-                # CPU per forwarded request at the default 700); what a
-                # request allocates is freed by reference counting anyway.
-                _, gen1, gen2 = gc.get_threshold()
-                gc.set_threshold(GC_YOUNG_THRESHOLD, gen1, gen2)
             log.info(
                 "gateway_started",
                 port=settings.port,
