@@ -33,10 +33,18 @@ much per request as the service, takes nothing from that budget in either
 phase. Unpinned (`--pin none`) the three processes share every CPU and the
 ratio also depends on how the scheduler spreads them.
 
+The gateway runs as `shuangjian serve gateway` runs it: on its own HTTP/1.1
+server (gateway/server.py); `GATEWAY_SERVER=uvicorn` in the environment
+runs it on uvicorn instead, for comparison.
+
 Beside the targets it prints the CPU time each process spent per request in
 the throughput phases (from /proc, user + system): unlike requests per
 second, these barely depend on what else runs on the machine, so they
-compare gateway versions on a busy machine too. It prints PASS/FAIL and
+compare gateway versions on a busy machine too. And the context switches
+of the service's and the gateway's main threads per request: sharing one
+core, the two take turns about once per request (the service alone on its
+core answers ~15 requests per switch), which is most of why the service
+costs more per request behind the gateway than alone. It prints PASS/FAIL and
 exits 0 when it ran to completion (it reports, it does not assert). Load
 from outside the benchmark still falls on the pinned CPUs: read the load
 average it prints, and re-run on a quiet machine for the figures that count.
@@ -82,6 +90,11 @@ def serve_gateway(port: int, jwks_file: str) -> None:
     os.environ.setdefault("GC_FREEZE", "true")  # as `shuangjian serve` does
     jwks = json.loads(Path(jwks_file).read_text())
     app = create_app(GatewaySettings(), key_source=StaticKeySource(jwks))
+    if os.environ.get("GATEWAY_SERVER", "fast") != "uvicorn":
+        from gateway.server import run
+
+        run(app, "127.0.0.1", port)  # as `shuangjian serve gateway`
+        return
     uvicorn.run(
         app,
         host="127.0.0.1",
@@ -239,6 +252,15 @@ def start_system(
     return nats, children, urls
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of a process's main thread."""
+    total = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+            total += int(line.split()[1])
+    return total
+
+
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU time of a process (this one when pid is None)."""
     if pid is None:
@@ -278,6 +300,7 @@ async def measure(
         async def phase(name: str, url: str) -> tuple[float, int]:
             before = {p: cpu_seconds(pid) for p, pid in pids.items()}
             before["load generator"] = cpu_seconds()
+            switched = {p: context_switches(pid) for p, pid in pids.items()}
             started = time.perf_counter()
             rps, errors = await closed_loop(session, url, headers, args.concurrency, slice_)
             served[name] += rps * (time.perf_counter() - started)
@@ -285,6 +308,9 @@ async def measure(
             after["load generator"] = cpu_seconds()
             for p in before:
                 cpu[name, p] = cpu.get((name, p), 0.0) + after[p] - before[p]
+            for p, pid in pids.items():
+                key = (name, f"switches {p}")
+                cpu[key] = cpu.get(key, 0.0) + context_switches(pid) - switched[p]
             return rps, errors
 
         for _ in range(rounds):
@@ -334,6 +360,15 @@ async def measure(
         per = "   ".join(
             f"{p} {cpu.get((name, p), 0.0) / n * 1e6:4.0f} µs"
             for p in ("load generator", "service", "gateway")
+            if name == "gateway" or p != "gateway"
+        )
+        print(f"      {name:8s} {per}")
+    print("      context switches per request (main thread):")
+    for name in ("direct", "gateway"):
+        n = served[name] or 1.0
+        per = "   ".join(
+            f"{p} {cpu.get((name, f'switches {p}'), 0.0) / n:5.2f}"
+            for p in ("service", "gateway")
             if name == "gateway" or p != "gateway"
         )
         print(f"      {name:8s} {per}")

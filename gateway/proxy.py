@@ -198,24 +198,30 @@ class EdgeMiddleware:
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
-            elapsed = time.perf_counter() - start
-            route = self._route(scope, state)
-            code = status[0] or 500
-            rt.metrics.observe_request(scope["method"], route, code, elapsed)
-            if rt.access_log.enabled and route not in QUIET_ROUTES:
-                rt.access_log(
-                    request_id=rid,
-                    method=scope["method"],
-                    path=scope["path"],
-                    route=route,
-                    status=code,
-                    duration_ms=round(elapsed * 1000, 2),
-                    upstream=state.get("gw_service"),
-                    upstream_ms=state.get("upstream_ms"),
-                    client_id=state.get("client_id"),
-                    client_ip=ip,
-                )
+            self.record(scope, state, rid, ip, status[0] or 500, time.perf_counter() - start)
             request_id_var.reset(ctx)
+
+    def record(
+        self, scope: Scope, state: dict[str, Any], rid: str, ip: str, code: int, elapsed: float
+    ) -> None:
+        """One metrics observation and one access-log line (also used by
+        gateway/server.py's fast path)."""
+        rt = self.rt
+        route = self._route(scope, state)
+        rt.metrics.observe_request(scope["method"], route, code, elapsed)
+        if rt.access_log.enabled and route not in QUIET_ROUTES:
+            rt.access_log.request(
+                rid,
+                scope["method"],
+                scope["path"],
+                route,
+                code,
+                round(elapsed * 1000, 2),
+                state.get("gw_service"),
+                state.get("upstream_ms"),
+                state.get("client_id"),
+                ip,
+            )
 
     async def _proxy_failed(self, scope: Scope, send: Send, state: dict[str, Any]) -> None:
         service = state["gw_service"]
@@ -446,12 +452,16 @@ class Proxy:
     async def _fail(
         self, scope: Scope, send: Send, service: str, status: int, started: float
     ) -> None:
-        rt = self.rt
-        elapsed = time.perf_counter() - started
-        scope["state"]["upstream_ms"] = round(elapsed * 1000, 2)
-        rt.metrics.observe_upstream(service, "timeout" if status == 504 else "error", None)
-        name = SERVICE_NAMES_ZH.get(service, service)
-        detail = (
-            f"{name}（{service}）响应超时。" if status == 504 else f"{name}（{service}）暂不可用。"
-        )
-        await send_problem(scope, send, Problem(status, detail, service=service))
+        await send_problem(scope, send, upstream_failure(self.rt, scope, service, status, started))
+
+
+def upstream_failure(
+    rt: Runtime, scope: Scope, service: str, status: int, started: float
+) -> Problem:
+    """The 502 (unreachable, broken) or 504 (too slow) naming the service."""
+    elapsed = time.perf_counter() - started
+    scope["state"]["upstream_ms"] = round(elapsed * 1000, 2)
+    rt.metrics.observe_upstream(service, "timeout" if status == 504 else "error", None)
+    name = SERVICE_NAMES_ZH.get(service, service)
+    detail = f"{name}（{service}）响应超时。" if status == 504 else f"{name}（{service}）暂不可用。"
+    return Problem(status, detail, service=service)

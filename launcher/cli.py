@@ -66,6 +66,13 @@ def serve(name: str, host: str | None, port: int | None) -> None:
         gw = GatewaySettings()
         app = create_gateway(gw)
         host, port = host or gw.host, port or gw.port
+        if os.environ.get("GATEWAY_SERVER", "fast") != "uvicorn":
+            # Its own HTTP server (gateway/server.py): measured cheaper per
+            # forwarded request than uvicorn; GATEWAY_SERVER=uvicorn for uvicorn.
+            from gateway.server import run as run_gateway
+
+            run_gateway(app, host, port)
+            return
     else:
         module = importlib.import_module(f"services.{name}.app")
         settings = service_settings(name)

@@ -21,6 +21,7 @@ from chassis.auth import StaticKeySource
 from chassis.config import DOMAIN_SERVICES, PlatformSettings
 from gateway.app import create_app
 from gateway.config import GatewaySettings
+from gateway.server import GatewayServer
 from launcher.nats_server import free_port
 from services.identity.tokens import TokenIssuer
 from tests.conftest import AUDIENCE, ISSUER, DatabaseFactory
@@ -31,6 +32,20 @@ Serve = Callable[..., Awaitable[str]]
 class Served:
     def __init__(self) -> None:
         self.servers: dict[str, tuple[uvicorn.Server, asyncio.Task[None]]] = {}
+        self.fast: dict[str, tuple[GatewayServer, AsyncExitStack]] = {}
+
+    async def start_gateway(self, app: Any, server: str = "fast") -> str:
+        """The gateway as `shuangjian serve gateway` runs it (its own server,
+        gateway/server.py), or on uvicorn (`server="uvicorn"`)."""
+        if server == "uvicorn":
+            return await self.start(app, lifespan="on")
+        stack = AsyncExitStack()
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        gateway = GatewayServer(app)
+        port = await gateway.start("127.0.0.1", 0)
+        url = f"http://127.0.0.1:{port}"
+        self.fast[url] = (gateway, stack)
+        return url
 
     async def start(self, app: Any, *, port: int = 0, lifespan: str = "off") -> str:
         config = uvicorn.Config(
@@ -57,12 +72,17 @@ class Served:
         return url
 
     async def stop(self, url: str) -> None:
+        if url in self.fast:
+            gateway, stack = self.fast.pop(url)
+            await gateway.shutdown()
+            await stack.aclose()
+            return
         server, task = self.servers.pop(url)
         server.should_exit = True
         await asyncio.wait_for(task, 30)
 
     async def stop_all(self) -> None:
-        for url in list(self.servers)[::-1]:
+        for url in [*self.fast, *list(self.servers)[::-1]]:
             await self.stop(url)
 
 
@@ -199,10 +219,19 @@ def build_gateway_app(
 
 
 @pytest.fixture
+def gateway_server(request: pytest.FixtureRequest) -> str:
+    """How `make_gateway` serves: "asgi" (httpx straight into the app) unless
+    a test is parametrized indirectly with "fast" (gateway/server.py on a
+    real socket, as `shuangjian serve gateway` runs it)."""
+    return getattr(request, "param", "asgi")
+
+
+@pytest.fixture
 async def make_gateway(
-    tmp_path: Path, issuer: TokenIssuer, databases: DatabaseFactory
+    tmp_path: Path, issuer: TokenIssuer, databases: DatabaseFactory, gateway_server: str
 ) -> AsyncIterator[MakeGateway]:
-    """A gateway run in-process (lifespan entered) with an httpx client over ASGI.
+    """A gateway run in-process (lifespan entered) with an httpx client over ASGI
+    (or over TCP to its own server, see `gateway_server`).
     With webhooks on, its own database is a fresh one (PostgreSQL under
     TEST_DATABASE=postgresql, else a SQLite file)."""
     stack = AsyncExitStack()
@@ -215,9 +244,15 @@ async def make_gateway(
             kwargs["database_url"] = await databases.url(f"gateway{count}")
         app = build_gateway_app(tmp_path, issuer, name=f"gateway-{count}", **kwargs)
         await stack.enter_async_context(app.router.lifespan_context(app))
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=10
-        )
+        if gateway_server == "fast":
+            server = GatewayServer(app)
+            port = await server.start("127.0.0.1", 0)
+            stack.push_async_callback(server.shutdown)
+            client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10)
+        else:
+            client = httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gateway", timeout=10
+            )
         await stack.enter_async_context(client)
         return Gateway(app, client, app.state.runtime.settings)
 

@@ -38,8 +38,12 @@ async def raw_request(base: str, request: bytes) -> tuple[int, dict[str, list[st
     return status, headers, body
 
 
-@pytest.fixture
-async def echo_gateway(served: Served, tmp_path: Path, issuer: TokenIssuer) -> tuple[Echo, str]:
+@pytest.fixture(params=["fast", "uvicorn"])
+async def echo_gateway(
+    request: pytest.FixtureRequest, served: Served, tmp_path: Path, issuer: TokenIssuer
+) -> tuple[Echo, str]:
+    """The gateway on its own server (as deployed) and on uvicorn: the same
+    forwarding either way."""
     echo = Echo()
     upstream = await served.start(echo)
     echo.url = upstream
@@ -50,7 +54,7 @@ async def echo_gateway(served: Served, tmp_path: Path, issuer: TokenIssuer) -> t
         rate_limit_enabled=False,
         max_body_bytes=64 * 1024,
     )
-    gateway = await served.start(app, lifespan="on")
+    gateway = await served.start_gateway(app, request.param)
     return echo, gateway
 
 
@@ -203,6 +207,7 @@ async def test_gw01_dot_segments_cannot_walk_out_of_a_public_prefix(
     assert echo.hits == []
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw01_stopped_service_is_a_502_naming_it(
     make_gateway: MakeGateway, mint: Any
 ) -> None:
@@ -215,6 +220,7 @@ async def test_gw01_stopped_service_is_a_502_naming_it(
     assert problem["status"] == 502 and problem["request_id"] == response.headers["x-request-id"]
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw01_slow_service_is_a_504_after_its_own_timeout(
     served: Served, make_gateway: MakeGateway, mint: Any
 ) -> None:
@@ -236,6 +242,7 @@ async def test_gw01_slow_service_is_a_504_after_its_own_timeout(
     assert fast.status_code == 200
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw01_service_stopped_while_running_turns_into_502_then_recovers(
     served: Served, make_gateway: MakeGateway, mint: Any
 ) -> None:

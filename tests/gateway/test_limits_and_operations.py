@@ -57,6 +57,7 @@ def assert_429(response: Any, rule_name: str) -> int:
     return wait
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw04_per_client_bucket_refuses_with_retry_after_and_refills(
     echo: Echo, make_gateway: MakeGateway, mint: Any
 ) -> None:
@@ -114,6 +115,7 @@ async def test_gw04_login_and_complaints_are_stricter_per_address_by_default(
     )
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw04_guessing_tokens_spends_the_address_bucket(
     echo: Echo, make_gateway: MakeGateway
 ) -> None:
@@ -128,6 +130,7 @@ async def test_gw04_guessing_tokens_spends_the_address_bucket(
     assert statuses == [401, 401, 401, 429]
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw04_trusted_proxy_forwarded_address_is_the_bucket_key(
     echo: Echo, make_gateway: MakeGateway
 ) -> None:
@@ -256,6 +259,7 @@ async def test_gw04_redis_unreachable_falls_back_to_limiting_in_memory() -> None
 # ------------------------------------------------------------------ operations
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw04_readyz_names_the_services_that_are_down(
     echo: Echo, make_gateway: MakeGateway
 ) -> None:
@@ -270,6 +274,7 @@ async def test_gw04_readyz_names_the_services_that_are_down(
     assert "funds" in body["detail"] and "identity" not in body["detail"]
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw04_metrics_per_route_and_upstream_and_access_log_lines(
     echo: Echo, make_gateway: MakeGateway, mint: Any
 ) -> None:

@@ -43,6 +43,7 @@ async def everything(
     return await make_gateway(upstreams=urls, rate_limit_enabled=False)
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw01_every_service_is_routed_and_verifies_the_forwarded_token(
     everything: Gateway, mint: Any
 ) -> None:
@@ -65,6 +66,7 @@ async def test_gw01_every_service_is_routed_and_verifies_the_forwarded_token(
     assert unknown.headers["content-type"] == "application/problem+json"
 
 
+@pytest.mark.parametrize("gateway_server", ["asgi", "fast"], indirect=True)
 async def test_gw01_public_routes_pass_the_edge_without_a_token(everything: Gateway) -> None:
     client = everything.client
     jwks = await client.get("/api/v1/identity/.well-known/jwks.json")
