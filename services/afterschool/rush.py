@@ -36,14 +36,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import Response
-from sqlalchemy import select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import String, any_, bindparam, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,6 +60,8 @@ from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Pla
 courses_table = Course.__table__
 
 MAX_BATCH = 500
+_TRACE_FILE = os.environ.get("AS_RUSH_TRACE")
+_TRACE = open(_TRACE_FILE, "a", buffering=1) if _TRACE_FILE else None
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Attempt:
     future: asyncio.Future[Response] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -94,6 +98,58 @@ SINGLE_PATH = _SinglePath()
 
 class BatchLost(Exception):
     """A key of the batch was answered elsewhere meanwhile: undo the batch."""
+
+
+def _among(db: Database, column: Any, values: list[str]) -> Any:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one SQL
+    text whatever the number of values, so the connection's prepared
+    statement is reused (an expanding IN is a new statement, parsed, planned
+    and prepared in an extra round trip, for every new list length)."""
+    if db.is_sqlite:
+        return column.in_(values)
+    return column == any_(bindparam(None, values, type_=ARRAY(String)))
+
+
+def _keys_among(db: Database, table: Any, keys: list[tuple[str, str]]) -> Any:
+    """The rows of these (client, key) pairs — on PostgreSQL a superset
+    (client among the clients and key among the keys, one SQL text): the
+    caller keeps the exact pairs."""
+    if db.is_sqlite:
+        return tuple_(table.c.client, table.c.key).in_(keys)
+    return _among(db, table.c.client, sorted({c for c, _ in keys})) & _among(
+        db, table.c.key, sorted({k for _, k in keys})
+    )
+
+
+# The remembered answers of a batch in one statement of one SQL text
+# (PostgreSQL): rows from arrays, a key answered elsewhere meanwhile skipped.
+_REMEMBER_PG = text(
+    "INSERT INTO idempotency_keys (client, key, fingerprint, status, response_status,"
+    " response_body, content_type, created_at, completed_at)"
+    " SELECT * FROM unnest(CAST(:client AS varchar[]), CAST(:key AS varchar[]),"
+    " CAST(:fingerprint AS varchar[]), CAST(:status AS varchar[]),"
+    " CAST(:response_status AS integer[]), CAST(:response_body AS bytea[]),"
+    " CAST(:content_type AS varchar[]), CAST(:created_at AS timestamptz[]),"
+    " CAST(:completed_at AS timestamptz[]))"
+    " ON CONFLICT DO NOTHING RETURNING key"
+)
+
+
+async def _remember(db: Database, conn: Any, remembered: list[dict[str, Any]]) -> int:
+    """Insert the batch's answers unless a key is taken; how many went in."""
+    if db.is_sqlite:
+        return len(
+            (
+                await conn.execute(
+                    sqlite_insert(idempotency_table)
+                    .on_conflict_do_nothing()
+                    .returning(idempotency_table.c.key),
+                    remembered,
+                )
+            ).all()
+        )
+    params = {name: [row[name] for row in remembered] for name in remembered[0]}
+    return len((await conn.execute(_REMEMBER_PG, params)).all())
 
 
 def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
@@ -162,6 +218,16 @@ class Enroller:
             self.worker = None
 
     async def _run(self, batch: list[Attempt]) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        await self._run_batch(batch)
+        if _TRACE is not None:
+            t1 = time.perf_counter()
+            _TRACE.write(
+                f"{len(batch)} {(t0 - batch[0].queued_at) * 1000:.2f} {(t1 - t0) * 1000:.2f}"
+                f" {(time.process_time() - c0) * 1000:.2f} {len(self.queue)}\n"
+            )
+
+    async def _run_batch(self, batch: list[Attempt]) -> None:
         generations = {
             a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch
         }
@@ -227,16 +293,14 @@ async def sold_out_answers(
         conn = await session.connection()
         stored_rows = {
             (row["client"], row["key"]): row
-            for row in (
-                await conn.execute(select(k).where(tuple_(k.c.client, k.c.key).in_(keys)))
-            ).mappings()
+            for row in (await conn.execute(select(k).where(_keys_among(db, k, keys)))).mappings()
         }
         students: dict[str, Any] = {}
         guardians: dict[str, set[str]] = {}
         for row in await conn.execute(
             select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
             .join(g, g.c.student_id == s.c.id)
-            .where(s.c.id.in_(student_ids))
+            .where(_among(db, s.c.id, student_ids))
         ):
             students[row.id] = row
             guardians.setdefault(row.id, set()).add(row.guardian_id)
@@ -256,7 +320,7 @@ async def sold_out_answers(
                         Plan.window_closes_at,
                     )
                     .join(Plan, Plan.id == Course.plan_id)
-                    .where(Course.id.in_(unknown))
+                    .where(_among(db, Course.id, unknown))
                 )
             )
     now = utcnow()
@@ -323,9 +387,7 @@ async def decide(
             (row["client"], row["key"]): row
             for row in (
                 await conn.execute(
-                    select(idempotency_table).where(
-                        tuple_(idempotency_table.c.client, idempotency_table.c.key).in_(list(keyed))
-                    )
+                    select(idempotency_table).where(_keys_among(db, idempotency_table, list(keyed)))
                 )
             ).mappings()
         }
@@ -357,7 +419,7 @@ async def decide(
                 await conn.execute(
                     select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
                     .join(g, g.c.student_id == s.c.id)
-                    .where(s.c.id.in_(student_ids))
+                    .where(_among(db, s.c.id, student_ids))
                     .order_by(s.c.id)
                     .with_for_update(of=s)
                 )
@@ -371,7 +433,7 @@ async def decide(
                 await conn.execute(
                     select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
                     .join(Plan, Plan.id == Course.plan_id)
-                    .where(Course.id.in_(course_ids))
+                    .where(_among(db, Course.id, course_ids))
                     .order_by(Course.id)
                     .with_for_update(of=Course)
                 )
@@ -397,7 +459,7 @@ async def decide(
                 )
                 .join(Course, Course.id == Enrollment.course_id)
                 .where(
-                    Enrollment.student_id.in_(student_ids),
+                    _among(db, Enrollment.student_id, student_ids),
                     Enrollment.status.in_(ACTIVE_STATUSES),
                 )
             ):
@@ -524,16 +586,7 @@ async def decide(
             await conn.execute(Enrollment.__table__.insert(), rows)
             await emit_many(session, events)
         if remembered:
-            insert = sqlite_insert if db.is_sqlite else pg_insert
-            inserted = (
-                await conn.execute(
-                    insert(idempotency_table)
-                    .on_conflict_do_nothing()
-                    .returning(idempotency_table.c.key),
-                    remembered,
-                )
-            ).all()
-            if len(inserted) != len(remembered):
+            if await _remember(db, conn, remembered) != len(remembered):
                 raise BatchLost  # another request took one of these keys meanwhile
     # Repeats of a key inside the batch get the first answer, as replays.
     for i, a in enumerate(batch):
