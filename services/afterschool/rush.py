@@ -121,35 +121,78 @@ def _keys_among(db: Database, table: Any, keys: list[tuple[str, str]]) -> Any:
     )
 
 
-# The remembered answers of a batch in one statement of one SQL text
-# (PostgreSQL): rows from arrays, a key answered elsewhere meanwhile skipped.
-_REMEMBER_PG = text(
-    "INSERT INTO idempotency_keys (client, key, fingerprint, status, response_status,"
-    " response_body, content_type, created_at, completed_at)"
-    " SELECT * FROM unnest(CAST(:client AS varchar[]), CAST(:key AS varchar[]),"
-    " CAST(:fingerprint AS varchar[]), CAST(:status AS varchar[]),"
-    " CAST(:response_status AS integer[]), CAST(:response_body AS bytea[]),"
-    " CAST(:content_type AS varchar[]), CAST(:created_at AS timestamptz[]),"
-    " CAST(:completed_at AS timestamptz[]))"
-    " ON CONFLICT DO NOTHING RETURNING key"
+_ENROLLMENT_COLUMNS = {
+    "id": "varchar",
+    "course_id": "varchar",
+    "plan_id": "varchar",
+    "school_id": "varchar",
+    "student_id": "varchar",
+    "guardian_id": "varchar",
+    "status": "varchar",
+    "waitlist_position": "integer",
+    "consent_at": "timestamptz",
+    "consent_statement": "text",
+    "created_at": "timestamptz",
+    "held_from": "timestamptz",
+    "withdrawn_at": "timestamptz",
+}
+_KEY_COLUMNS = {
+    "client": "varchar",
+    "key": "varchar",
+    "fingerprint": "varchar",
+    "status": "varchar",
+    "response_status": "integer",
+    "response_body": "bytea",
+    "content_type": "varchar",
+    "created_at": "timestamptz",
+    "completed_at": "timestamptz",
+}
+
+
+def _unnest(prefix: str, columns: dict[str, str]) -> str:
+    return ", ".join(f"CAST(:{prefix}{name} AS {kind}[])" for name, kind in columns.items())
+
+
+# A batch's writes in one statement of one SQL text (PostgreSQL): the seat
+# counters (conditional, as on SQLite), the enrollments and the remembered
+# answers (a key answered elsewhere meanwhile skipped, so counted short).
+_WRITE_PG = text(
+    "WITH seats AS ("
+    " UPDATE courses AS c SET seats_taken = c.seats_taken + v.taken,"
+    " waitlist_seq = c.waitlist_seq + v.queued"
+    " FROM unnest(CAST(:seat_course AS varchar[]), CAST(:seat_taken AS integer[]),"
+    " CAST(:seat_queued AS integer[])) AS v(id, taken, queued)"
+    " WHERE c.id = v.id AND c.seats_taken + v.taken <= c.capacity RETURNING c.id),"
+    " held AS (INSERT INTO enrollments (" + ", ".join(_ENROLLMENT_COLUMNS) + ")"
+    " SELECT * FROM unnest(" + _unnest("e_", _ENROLLMENT_COLUMNS) + ") RETURNING id)"
+    " INSERT INTO idempotency_keys (" + ", ".join(_KEY_COLUMNS) + ")"
+    " SELECT * FROM unnest(" + _unnest("k_", _KEY_COLUMNS) + ")"
+    " ON CONFLICT DO NOTHING"
+    " RETURNING key, (SELECT count(*) FROM seats) AS seats, (SELECT count(*) FROM held) AS held"
 )
 
 
-async def _remember(db: Database, conn: Any, remembered: list[dict[str, Any]]) -> int:
-    """Insert the batch's answers unless a key is taken; how many went in."""
-    if db.is_sqlite:
-        return len(
-            (
-                await conn.execute(
-                    sqlite_insert(idempotency_table)
-                    .on_conflict_do_nothing()
-                    .returning(idempotency_table.c.key),
-                    remembered,
-                )
-            ).all()
-        )
-    params = {name: [row[name] for row in remembered] for name in remembered[0]}
-    return len((await conn.execute(_REMEMBER_PG, params)).all())
+async def _write_pg(
+    conn: Any,
+    changed: dict[str, _Seats],
+    rows: list[dict[str, Any]],
+    remembered: list[dict[str, Any]],
+) -> bool:
+    """The batch's writes on PostgreSQL; True when the batch is lost (a seat
+    counter not updated or a key taken meanwhile): the caller undoes it."""
+    params: dict[str, Any] = {
+        "seat_course": list(changed),
+        "seat_taken": [left.taken for left in changed.values()],
+        "seat_queued": [left.queued for left in changed.values()],
+    }
+    params.update({f"e_{name}": [row[name] for row in rows] for name in _ENROLLMENT_COLUMNS})
+    params.update({f"k_{name}": [row[name] for row in remembered] for name in _KEY_COLUMNS})
+    result = (await conn.execute(_WRITE_PG, params)).all()
+    return (
+        len(result) != len(remembered)
+        or result[0].seats != len(changed)
+        or result[0].held != len(rows)
+    )
 
 
 def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
@@ -565,29 +608,42 @@ async def decide(
                     "completed_at": now,
                 }
             )
-        # 4. One write of each kind.
-        for course_id, left in seats.items():
-            if not (left.taken or left.queued):
-                continue
-            done = await conn.execute(
-                update(courses_table)
-                .where(
-                    courses_table.c.id == course_id,
-                    courses_table.c.seats_taken + left.taken <= courses_table.c.capacity,
-                )
-                .values(
-                    seats_taken=courses_table.c.seats_taken + left.taken,
-                    waitlist_seq=courses_table.c.waitlist_seq + left.queued,
-                )
-            )
-            if done.rowcount != 1:  # type: ignore[attr-defined]
+        # 4. One write of each kind (on PostgreSQL the seats, enrollments and
+        #    answers in one statement: one round trip, one execution).
+        changed = {cid: left for cid, left in seats.items() if left.taken or left.queued}
+        if not db.is_sqlite and remembered:
+            if await _write_pg(conn, changed, rows, remembered):
                 raise BatchLost
-        if rows:
-            await conn.execute(Enrollment.__table__.insert(), rows)
             await emit_many(session, events)
-        if remembered:
-            if await _remember(db, conn, remembered) != len(remembered):
-                raise BatchLost  # another request took one of these keys meanwhile
+        else:
+            for course_id, left in changed.items():
+                done = await conn.execute(
+                    update(courses_table)
+                    .where(
+                        courses_table.c.id == course_id,
+                        courses_table.c.seats_taken + left.taken <= courses_table.c.capacity,
+                    )
+                    .values(
+                        seats_taken=courses_table.c.seats_taken + left.taken,
+                        waitlist_seq=courses_table.c.waitlist_seq + left.queued,
+                    )
+                )
+                if done.rowcount != 1:  # type: ignore[attr-defined]
+                    raise BatchLost
+            if rows:
+                await conn.execute(Enrollment.__table__.insert(), rows)
+                await emit_many(session, events)
+            if remembered:
+                inserted = (
+                    await conn.execute(
+                        sqlite_insert(idempotency_table)
+                        .on_conflict_do_nothing()
+                        .returning(idempotency_table.c.key),
+                        remembered,
+                    )
+                ).all()
+                if len(inserted) != len(remembered):
+                    raise BatchLost  # another request took one of these keys meanwhile
     # Repeats of a key inside the batch get the first answer, as replays.
     for i, a in enumerate(batch):
         if answers[i] is not None:
