@@ -35,6 +35,7 @@ work or statement plugin here).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import time
@@ -60,8 +61,23 @@ from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Pla
 courses_table = Course.__table__
 
 MAX_BATCH = 500
+# Sold-out reads (no locks) run side by side: an asker waits for a reader to
+# be free, not for the one read in flight to finish.
+SOLD_READERS = 2
 _TRACE_FILE = os.environ.get("AS_RUSH_TRACE")
 _TRACE = open(_TRACE_FILE, "a", buffering=1) if _TRACE_FILE else None
+if _TRACE is not None:
+    # ... and one line per garbage collection pause: gc, generation, ms.
+    _gc_started = [0.0]
+
+    def _gc_trace(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            _gc_started[0] = time.perf_counter()
+        elif _TRACE is not None:
+            ms = (time.perf_counter() - _gc_started[0]) * 1000
+            _TRACE.write(f"gc {info['generation']} {ms:.3f}\n")
+
+    gc.callbacks.append(_gc_trace)
 
 
 @dataclass
@@ -209,7 +225,8 @@ class Enroller:
         self.queue: list[Attempt] = []
         self.worker: asyncio.Task[None] | None = None
         self.sold_queue: list[Attempt] = []
-        self.sold_worker: asyncio.Task[None] | None = None
+        self.sold_readers = 0
+        self.sold_tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
 
     async def submit(self, attempt: Attempt) -> Response:
@@ -225,8 +242,11 @@ class Enroller:
         """A no-waitlist attempt for a course known full: answered with the
         other such attempts waiting from one read, or else by the write batch."""
         self.sold_queue.append(attempt)
-        if self.sold_worker is None:
-            self.sold_worker = asyncio.create_task(self._sold_work())
+        if self.sold_readers < SOLD_READERS:
+            self.sold_readers += 1
+            reader = asyncio.create_task(self._sold_work())
+            self.sold_tasks.add(reader)
+            reader.add_done_callback(self.sold_tasks.discard)
         return await asyncio.shield(attempt.future)
 
     async def _sold_work(self) -> None:
@@ -249,7 +269,9 @@ class Enroller:
                     else:
                         attempt.future.set_result(answer)
         finally:
-            self.sold_worker = None
+            # No await between the empty queue seen and this: an asker who
+            # comes next starts a reader.
+            self.sold_readers -= 1
 
     async def _work(self) -> None:
         try:
