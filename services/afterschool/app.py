@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
+from chassis.config import platform_settings
 from chassis.scheduler import PeriodicJob
 from services.afterschool import service
 from services.afterschool.api import EnrollFastPath, router
@@ -55,7 +55,7 @@ SERVER_GC_THRESHOLDS = (10_000, 20, 100)
 
 
 def create_app(**kwargs: object) -> FastAPI:
-    if os.environ.get("GC_FREEZE", "").strip().lower() in {"1", "true", "yes", "on"}:
+    if platform_settings().gc_freeze:
         gc.set_threshold(*SERVER_GC_THRESHOLDS)
     app = create_service_app(SPEC, **kwargs)  # type: ignore[arg-type]
     # Innermost: inside the chassis's request-context middleware (added first).
