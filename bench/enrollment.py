@@ -440,8 +440,10 @@ async def bench(args: argparse.Namespace) -> None:
         # Students: [0, n) the gateway's closed loop, (c) and the raw SQL;
         # [n, 2n) the direct closed loop; then per path two open-loop pools of
         # rate x seconds each (a child enrolls once per hot course); the last
-        # `extra` ask for full courses (refused, written nowhere: reused).
-        total = 2 * n + 4 * per_open + extra
+        # `extra` per path ask for full courses (refused, written nowhere:
+        # reused within a path; each path has its own, so both pay for
+        # verifying a token not seen before in their closed loop (4)).
+        total = 2 * n + 4 * per_open + 2 * extra
         school = await helpers.seed_school(db, students=total)
         pools = iter(range(2 * n, 2 * n + 4 * per_open, per_open))
         askers = 2 * n + 4 * per_open
@@ -540,7 +542,9 @@ async def bench(args: argparse.Namespace) -> None:
 
         sold_round = iter(range(1000))
 
-        async def open_sold_out(label: str, base: str, rate: float, course: str) -> None:
+        async def open_sold_out(
+            label: str, base: str, rate: float, course: str, askers: int
+        ) -> None:
             r = next(sold_round)
             results, elapsed = await open_loop(
                 rate,
@@ -558,7 +562,7 @@ async def bench(args: argparse.Namespace) -> None:
             )
             line(f"CPU ms per {what} ({'+'.join(names)})", per)
 
-        async def rush(path: str, base: str, where: str, offset: int) -> float:
+        async def rush(path: str, base: str, where: str, offset: int, askers: int) -> float:
             """One path: closed-loop peak, then open-loop latency at the target
             rate and at the peak if lower; sold-out answers likewise."""
             first, second, third = (x["id"] for x in hot[path])
@@ -595,16 +599,16 @@ async def bench(args: argparse.Namespace) -> None:
             )
             line("answers/s", f"{sold_rate:,.0f}")
             cpu_line("answer", before, len(sold), names)
-            await open_sold_out(f"({path}5) {where}: sold out", base, target, first)
+            await open_sold_out(f"({path}5) {where}: sold out", base, target, first, askers)
             if sold_rate < target:
-                await open_sold_out(f"({path}6) {where}: sold out", base, sold_rate, first)
+                await open_sold_out(f"({path}6) {where}: sold out", base, sold_rate, first, askers)
             return rate
 
         print(f"\nafter-school enrollment rush on {backend}, {n} students, concurrency {c},")
         print(f"open-loop target {target:,.0f} requests/s for {seconds:g} s per run")
         print("  (separate processes: load generator -> gateway -> afterschool -> database)")
 
-        rate = await rush("g", gateway, "through the gateway", 0)
+        rate = await rush("g", gateway, "through the gateway", 0, askers)
 
         elapsed, spread = await run_load(n, c, tap(gateway, lambda i: many[i % 100]["id"]))
         lat = [t * 1000 for _, t in spread]
@@ -617,7 +621,7 @@ async def bench(args: argparse.Namespace) -> None:
         line("latency p99 ms (closed loop)", f"{pct(lat, 99):.1f}")
         print("  " + await check(db, [m["id"] for m in many]))
 
-        await rush("d", direct, "directly to the service", n)
+        await rush("d", direct, "directly to the service", n, askers + extra)
         await session.close()
 
         async def raw_one(i: int) -> tuple[int, float]:

@@ -35,15 +35,17 @@ work or statement plugin here).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.responses import Response
-from sqlalchemy import select, tuple_, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import String, any_, bindparam, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -59,6 +61,23 @@ from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Pla
 courses_table = Course.__table__
 
 MAX_BATCH = 500
+# Sold-out reads (no locks) run side by side: an asker waits for a reader to
+# be free, not for the one read in flight to finish.
+SOLD_READERS = 2
+_TRACE_FILE = os.environ.get("AS_RUSH_TRACE")
+_TRACE = open(_TRACE_FILE, "a", buffering=1) if _TRACE_FILE else None
+if _TRACE is not None:
+    # ... and one line per garbage collection pause: gc, generation, ms.
+    _gc_started = [0.0]
+
+    def _gc_trace(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            _gc_started[0] = time.perf_counter()
+        elif _TRACE is not None:
+            ms = (time.perf_counter() - _gc_started[0]) * 1000
+            _TRACE.write(f"gc {info['generation']} {ms:.3f}\n")
+
+    gc.callbacks.append(_gc_trace)
 
 
 @dataclass
@@ -70,6 +89,7 @@ class Attempt:
     future: asyncio.Future[Response] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    queued_at: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
@@ -96,6 +116,101 @@ class BatchLost(Exception):
     """A key of the batch was answered elsewhere meanwhile: undo the batch."""
 
 
+def _among(db: Database, column: Any, values: list[str]) -> Any:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``: one SQL
+    text whatever the number of values, so the connection's prepared
+    statement is reused (an expanding IN is a new statement, parsed, planned
+    and prepared in an extra round trip, for every new list length)."""
+    if db.is_sqlite:
+        return column.in_(values)
+    return column == any_(bindparam(None, values, type_=ARRAY(String)))
+
+
+def _keys_among(db: Database, table: Any, keys: list[tuple[str, str]]) -> Any:
+    """The rows of these (client, key) pairs — on PostgreSQL a superset
+    (client among the clients and key among the keys, one SQL text): the
+    caller keeps the exact pairs."""
+    if db.is_sqlite:
+        return tuple_(table.c.client, table.c.key).in_(keys)
+    return _among(db, table.c.client, sorted({c for c, _ in keys})) & _among(
+        db, table.c.key, sorted({k for _, k in keys})
+    )
+
+
+_ENROLLMENT_COLUMNS = {
+    "id": "varchar",
+    "course_id": "varchar",
+    "plan_id": "varchar",
+    "school_id": "varchar",
+    "student_id": "varchar",
+    "guardian_id": "varchar",
+    "status": "varchar",
+    "waitlist_position": "integer",
+    "consent_at": "timestamptz",
+    "consent_statement": "text",
+    "created_at": "timestamptz",
+    "held_from": "timestamptz",
+    "withdrawn_at": "timestamptz",
+}
+_KEY_COLUMNS = {
+    "client": "varchar",
+    "key": "varchar",
+    "fingerprint": "varchar",
+    "status": "varchar",
+    "response_status": "integer",
+    "response_body": "bytea",
+    "content_type": "varchar",
+    "created_at": "timestamptz",
+    "completed_at": "timestamptz",
+}
+
+
+def _unnest(prefix: str, columns: dict[str, str]) -> str:
+    return ", ".join(f"CAST(:{prefix}{name} AS {kind}[])" for name, kind in columns.items())
+
+
+# A batch's writes in one statement of one SQL text (PostgreSQL): the seat
+# counters (conditional, as on SQLite), the enrollments and the remembered
+# answers (a key answered elsewhere meanwhile skipped, so counted short).
+_WRITE_PG = text(
+    "WITH seats AS ("
+    " UPDATE courses AS c SET seats_taken = c.seats_taken + v.taken,"
+    " waitlist_seq = c.waitlist_seq + v.queued"
+    " FROM unnest(CAST(:seat_course AS varchar[]), CAST(:seat_taken AS integer[]),"
+    " CAST(:seat_queued AS integer[])) AS v(id, taken, queued)"
+    " WHERE c.id = v.id AND c.seats_taken + v.taken <= c.capacity RETURNING c.id),"
+    " held AS (INSERT INTO enrollments (" + ", ".join(_ENROLLMENT_COLUMNS) + ")"
+    " SELECT * FROM unnest(" + _unnest("e_", _ENROLLMENT_COLUMNS) + ") RETURNING id)"
+    " INSERT INTO idempotency_keys (" + ", ".join(_KEY_COLUMNS) + ")"
+    " SELECT * FROM unnest(" + _unnest("k_", _KEY_COLUMNS) + ")"
+    " ON CONFLICT DO NOTHING"
+    " RETURNING key, (SELECT count(*) FROM seats) AS seats, (SELECT count(*) FROM held) AS held"
+)
+
+
+async def _write_pg(
+    conn: Any,
+    changed: dict[str, _Seats],
+    rows: list[dict[str, Any]],
+    remembered: list[dict[str, Any]],
+) -> bool:
+    """The batch's writes on PostgreSQL; True when the batch is lost (a seat
+    counter not updated or a key taken meanwhile): the caller undoes it."""
+    params: dict[str, Any] = {
+        "seat_course": list(changed),
+        "seat_taken": [left.taken for left in changed.values()],
+        "seat_queued": [left.queued for left in changed.values()],
+    }
+    params.update({f"e_{name}": [row[name] for row in rows] for name in _ENROLLMENT_COLUMNS})
+    params.update({f"k_{name}": [row[name] for row in remembered] for name in _KEY_COLUMNS})
+    result = (await conn.execute(_WRITE_PG, params)).all()
+    return (
+        len(result) != len(remembered)
+        or result[0].seats != len(changed)
+        or result[0].held != len(rows)
+    )
+
+
 def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
     body = json.dumps(problem_body(None, problem), ensure_ascii=False).encode()
     return problem.status, body, PROBLEM_MEDIA_TYPE
@@ -110,7 +225,8 @@ class Enroller:
         self.queue: list[Attempt] = []
         self.worker: asyncio.Task[None] | None = None
         self.sold_queue: list[Attempt] = []
-        self.sold_worker: asyncio.Task[None] | None = None
+        self.sold_readers = 0
+        self.sold_tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
 
     async def submit(self, attempt: Attempt) -> Response:
@@ -126,8 +242,11 @@ class Enroller:
         """A no-waitlist attempt for a course known full: answered with the
         other such attempts waiting from one read, or else by the write batch."""
         self.sold_queue.append(attempt)
-        if self.sold_worker is None:
-            self.sold_worker = asyncio.create_task(self._sold_work())
+        if self.sold_readers < SOLD_READERS:
+            self.sold_readers += 1
+            reader = asyncio.create_task(self._sold_work())
+            self.sold_tasks.add(reader)
+            reader.add_done_callback(self.sold_tasks.discard)
         return await asyncio.shield(attempt.future)
 
     async def _sold_work(self) -> None:
@@ -150,7 +269,9 @@ class Enroller:
                     else:
                         attempt.future.set_result(answer)
         finally:
-            self.sold_worker = None
+            # No await between the empty queue seen and this: an asker who
+            # comes next starts a reader.
+            self.sold_readers -= 1
 
     async def _work(self) -> None:
         try:
@@ -162,6 +283,16 @@ class Enroller:
             self.worker = None
 
     async def _run(self, batch: list[Attempt]) -> None:
+        t0, c0 = time.perf_counter(), time.process_time()
+        await self._run_batch(batch)
+        if _TRACE is not None:
+            t1 = time.perf_counter()
+            _TRACE.write(
+                f"{len(batch)} {(t0 - batch[0].queued_at) * 1000:.2f} {(t1 - t0) * 1000:.2f}"
+                f" {(time.process_time() - c0) * 1000:.2f} {len(self.queue)}\n"
+            )
+
+    async def _run_batch(self, batch: list[Attempt]) -> None:
         generations = {
             a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch
         }
@@ -227,16 +358,14 @@ async def sold_out_answers(
         conn = await session.connection()
         stored_rows = {
             (row["client"], row["key"]): row
-            for row in (
-                await conn.execute(select(k).where(tuple_(k.c.client, k.c.key).in_(keys)))
-            ).mappings()
+            for row in (await conn.execute(select(k).where(_keys_among(db, k, keys)))).mappings()
         }
         students: dict[str, Any] = {}
         guardians: dict[str, set[str]] = {}
         for row in await conn.execute(
             select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
             .join(g, g.c.student_id == s.c.id)
-            .where(s.c.id.in_(student_ids))
+            .where(_among(db, s.c.id, student_ids))
         ):
             students[row.id] = row
             guardians.setdefault(row.id, set()).add(row.guardian_id)
@@ -256,7 +385,7 @@ async def sold_out_answers(
                         Plan.window_closes_at,
                     )
                     .join(Plan, Plan.id == Course.plan_id)
-                    .where(Course.id.in_(unknown))
+                    .where(_among(db, Course.id, unknown))
                 )
             )
     now = utcnow()
@@ -323,9 +452,7 @@ async def decide(
             (row["client"], row["key"]): row
             for row in (
                 await conn.execute(
-                    select(idempotency_table).where(
-                        tuple_(idempotency_table.c.client, idempotency_table.c.key).in_(list(keyed))
-                    )
+                    select(idempotency_table).where(_keys_among(db, idempotency_table, list(keyed)))
                 )
             ).mappings()
         }
@@ -357,7 +484,7 @@ async def decide(
                 await conn.execute(
                     select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
                     .join(g, g.c.student_id == s.c.id)
-                    .where(s.c.id.in_(student_ids))
+                    .where(_among(db, s.c.id, student_ids))
                     .order_by(s.c.id)
                     .with_for_update(of=s)
                 )
@@ -371,7 +498,7 @@ async def decide(
                 await conn.execute(
                     select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
                     .join(Plan, Plan.id == Course.plan_id)
-                    .where(Course.id.in_(course_ids))
+                    .where(_among(db, Course.id, course_ids))
                     .order_by(Course.id)
                     .with_for_update(of=Course)
                 )
@@ -397,7 +524,7 @@ async def decide(
                 )
                 .join(Course, Course.id == Enrollment.course_id)
                 .where(
-                    Enrollment.student_id.in_(student_ids),
+                    _among(db, Enrollment.student_id, student_ids),
                     Enrollment.status.in_(ACTIVE_STATUSES),
                 )
             ):
@@ -503,38 +630,42 @@ async def decide(
                     "completed_at": now,
                 }
             )
-        # 4. One write of each kind.
-        for course_id, left in seats.items():
-            if not (left.taken or left.queued):
-                continue
-            done = await conn.execute(
-                update(courses_table)
-                .where(
-                    courses_table.c.id == course_id,
-                    courses_table.c.seats_taken + left.taken <= courses_table.c.capacity,
-                )
-                .values(
-                    seats_taken=courses_table.c.seats_taken + left.taken,
-                    waitlist_seq=courses_table.c.waitlist_seq + left.queued,
-                )
-            )
-            if done.rowcount != 1:  # type: ignore[attr-defined]
+        # 4. One write of each kind (on PostgreSQL the seats, enrollments and
+        #    answers in one statement: one round trip, one execution).
+        changed = {cid: left for cid, left in seats.items() if left.taken or left.queued}
+        if not db.is_sqlite and remembered:
+            if await _write_pg(conn, changed, rows, remembered):
                 raise BatchLost
-        if rows:
-            await conn.execute(Enrollment.__table__.insert(), rows)
             await emit_many(session, events)
-        if remembered:
-            insert = sqlite_insert if db.is_sqlite else pg_insert
-            inserted = (
-                await conn.execute(
-                    insert(idempotency_table)
-                    .on_conflict_do_nothing()
-                    .returning(idempotency_table.c.key),
-                    remembered,
+        else:
+            for course_id, left in changed.items():
+                done = await conn.execute(
+                    update(courses_table)
+                    .where(
+                        courses_table.c.id == course_id,
+                        courses_table.c.seats_taken + left.taken <= courses_table.c.capacity,
+                    )
+                    .values(
+                        seats_taken=courses_table.c.seats_taken + left.taken,
+                        waitlist_seq=courses_table.c.waitlist_seq + left.queued,
+                    )
                 )
-            ).all()
-            if len(inserted) != len(remembered):
-                raise BatchLost  # another request took one of these keys meanwhile
+                if done.rowcount != 1:  # type: ignore[attr-defined]
+                    raise BatchLost
+            if rows:
+                await conn.execute(Enrollment.__table__.insert(), rows)
+                await emit_many(session, events)
+            if remembered:
+                inserted = (
+                    await conn.execute(
+                        sqlite_insert(idempotency_table)
+                        .on_conflict_do_nothing()
+                        .returning(idempotency_table.c.key),
+                        remembered,
+                    )
+                ).all()
+                if len(inserted) != len(remembered):
+                    raise BatchLost  # another request took one of these keys meanwhile
     # Repeats of a key inside the batch get the first answer, as replays.
     for i, a in enumerate(batch):
         if answers[i] is not None:
