@@ -6,7 +6,6 @@ to NATS in the background, and starts the outbox relay and the consumers.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from chassis.config import PlatformSettings, ServiceSettings, platform_settings,
 from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, ProblemDetail, install_problem_handlers
 from chassis.events import Bus
-from chassis.lifecycle import stop_within
+from chassis.lifecycle import stop_within, tune_gc_for_serving
 from chassis.messaging import EventConsumer, OutboxRelay, Subscription
 from chassis.migrations import database_revisions, head_revisions, upgrade_async
 from chassis.observability import Metrics, RequestContextMiddleware, configure_logging
@@ -129,8 +128,7 @@ def create_service_app(
                 runner.start()
                 ctx.jobs[job.name] = runner
         if platform.gc_freeze:
-            gc.collect()
-            gc.freeze()
+            tune_gc_for_serving()
         log.info("service_started", service=spec.name, port=settings.port)
         try:
             yield

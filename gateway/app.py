@@ -11,7 +11,6 @@ JetStream consumers and the dispatcher that deliver signed webhooks.
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -33,7 +32,7 @@ from chassis.config import PlatformSettings, platform_settings
 from chassis.db import Database
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
 from chassis.events import Bus
-from chassis.lifecycle import bounded
+from chassis.lifecycle import bounded, tune_gc_for_serving
 from chassis.messaging import EventConsumer
 from chassis.migrations import upgrade_async
 from chassis.observability import configure_logging
@@ -165,12 +164,7 @@ def create_app(
             if settings.webhooks_enabled:
                 await _start_webhooks(stack, settings, plat, rt, api)
             if plat.gc_freeze:
-                # GC_FREEZE (on under `shuangjian serve`): measured under load,
-                # full collections otherwise walked the start-up heap (modules,
-                # OpenAPI documents) for 50-60 ms every few seconds, collecting
-                # nothing, while every request in flight waited; now ~1 ms.
-                gc.collect()
-                gc.freeze()
+                tune_gc_for_serving()
             log.info(
                 "gateway_started",
                 port=settings.port,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 
 from fastapi import FastAPI
 from starlette.middleware import Middleware
 
 from chassis.app import ServiceContext, ServiceSpec, create_service_app
-from chassis.config import platform_settings
 from chassis.scheduler import PeriodicJob
 from services.afterschool import service
 from services.afterschool.api import EnrollFastPath, router
@@ -44,19 +42,7 @@ SPEC = ServiceSpec(
 )
 
 
-# The collector's thresholds when the process runs as a server (GC_FREEZE, as
-# `shuangjian serve` sets it): a rush allocates fast, and with the default
-# (700, 10, 10) the collector ran ~40 young and ~4 middle collections per
-# second and a full one every few seconds — each a stall of every request in
-# flight (full ones 50-70 ms under load: the p99). Young collections every
-# 10,000 net allocations and full ones 200 times rarer still: the same
-# garbage collected, in fewer, larger sweeps of the young objects only.
-SERVER_GC_THRESHOLDS = (10_000, 20, 100)
-
-
 def create_app(**kwargs: object) -> FastAPI:
-    if platform_settings().gc_freeze:
-        gc.set_threshold(*SERVER_GC_THRESHOLDS)
     app = create_service_app(SPEC, **kwargs)  # type: ignore[arg-type]
     # Innermost: inside the chassis's request-context middleware (added first).
     app.user_middleware.append(Middleware(EnrollFastPath))
