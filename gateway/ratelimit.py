@@ -66,10 +66,11 @@ class MemoryBuckets:
         return self.take_now(buckets, time.monotonic())
 
     def take_now(self, buckets: Sequence[Bucket], now: float) -> tuple[float, int]:
+        state = self._state
         levels = []
         wait, dry = 0.0, -1
         for i, (key, rate, burst) in enumerate(buckets):
-            st = self._state.get(key)
+            st = state.get(key)
             tokens = float(burst) if st is None else min(burst, st[0] + (now - st[1]) * rate)
             if tokens < 1.0:
                 need = (1.0 - tokens) / rate
@@ -78,8 +79,15 @@ class MemoryBuckets:
             levels.append(tokens)
         take = 1.0 if dry < 0 else 0.0
         for (key, rate, burst), tokens in zip(buckets, levels, strict=True):
-            self._state[key] = [tokens - take, now, rate, burst]
-        if now - self._last_sweep > 60 or len(self._state) > self.max_keys:
+            st = state.get(key)
+            if st is None:
+                state[key] = [tokens - take, now, rate, burst]
+            else:  # in place: no new list per bucket and request
+                st[0] = tokens - take
+                st[1] = now
+                st[2] = rate
+                st[3] = burst
+        if now - self._last_sweep > 60 or len(state) > self.max_keys:
             self._sweep(now)
         return wait, dry
 
