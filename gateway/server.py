@@ -289,8 +289,11 @@ class HttpConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         """Answer `req` (the connection is busy until `done`): on the
         callback path when the server can (no task, no await), else in a task."""
-        if self.srv.forward_now(self, req):
-            return
+        try:
+            if self.srv.forward_now(self, req):
+                return
+        except Exception:  # pragma: no cover - a bug: decided again on the task path
+            log.exception("forward_now_failed")
         self.worker = self.srv.loop.create_task(self._run(req))
 
     async def _run(self, req: Request) -> None:
@@ -930,6 +933,7 @@ class _Exchange:
     __slots__ = (
         "client_id",
         "conn",
+        "ended",
         "forwarded_for",
         "ip",
         "path",
@@ -969,11 +973,24 @@ class _Exchange:
         self.forwarded_for: str | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.start = time.perf_counter()
+        self.ended = False
 
     def expire(self) -> None:
         self.up.fail(TimeoutError())
 
     def event(self) -> None:
+        try:
+            self._event()
+        except Exception:  # pragma: no cover - a bug: cut the exchange short
+            log.exception("proxy_failed", upstream=self.service)
+            self.up.listener = None
+            self.up.close()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.conn.close()
+            self._finish(502, False, None)
+
+    def _event(self) -> None:
         up = self.up
         if up.error is not None:
             self._failed(up.error)
@@ -1045,6 +1062,9 @@ class _Exchange:
         self._finish(status, keep, scope["state"].get("upstream_ms"))
 
     def _finish(self, status: int, keep: bool, upstream_ms: float | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
         srv = self.srv
         srv.edge.record_forward(
             self.req.method,
