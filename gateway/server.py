@@ -500,6 +500,7 @@ class GatewayServer:
         url = req.url
         if not url.startswith(b"/api/v1/"):
             return False
+        begun = time.perf_counter()
         raw_path = url.partition(b"?")[0]
         if b"%" in raw_path or b"/." in raw_path or b"#" in url:
             return False
@@ -604,6 +605,7 @@ class GatewayServer:
             out.append(b"\r\n")
         ex = _Exchange(self, conn, req, pool, up, service, path, rid, ip, client_id)
         ex.forwarded_for = forwarded_for
+        ex.begun = begun
         ex.timer = self.loop.call_later(rt.timeouts.get(service, DEFAULT_TIMEOUT), ex.expire)
         up.begin(method == "HEAD")
         up.listener = ex.event
@@ -931,10 +933,12 @@ class _Exchange:
     recorded (metrics, access log) and the client connection goes on."""
 
     __slots__ = (
+        "begun",
         "client_id",
         "conn",
         "ended",
         "forwarded_for",
+        "head_elapsed",
         "ip",
         "path",
         "pool",
@@ -972,8 +976,10 @@ class _Exchange:
         self.client_id = client_id
         self.forwarded_for: str | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.start = time.perf_counter()
+        self.start = time.perf_counter()  # sent upstream
+        self.begun = self.start  # the request reached the gateway's edge
         self.ended = False
+        self.head_elapsed = 0.0  # seconds until the upstream's response head
 
     def expire(self) -> None:
         self.up.fail(TimeoutError())
@@ -997,6 +1003,8 @@ class _Exchange:
             return
         if not up.head_done:
             return
+        if not self.head_elapsed:
+            self.head_elapsed = time.perf_counter() - self.start
         if up.complete:
             self._respond()
             return
@@ -1012,7 +1020,7 @@ class _Exchange:
         """The whole response is in: one write to the client."""
         srv, up, req, conn = self.srv, self.up, self.req, self.conn
         up.listener = None
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.head_elapsed  # as on the task path: until the response head
         rt = srv.rt
         status = up.status
         rt.metrics.observe_upstream(self.service, status, elapsed)
@@ -1073,7 +1081,7 @@ class _Exchange:
             self.rid,
             self.ip,
             status,
-            time.perf_counter() - self.start,
+            time.perf_counter() - self.begun,
             upstream_ms,
             self.client_id,
         )
@@ -1143,7 +1151,7 @@ class _Exchange:
             self.rid,
             self.ip,
             code,
-            time.perf_counter() - self.start,
+            time.perf_counter() - self.begun,
             state.get("upstream_ms"),
             self.client_id,
         )
