@@ -93,7 +93,21 @@ def serve_gateway(port: int, jwks_file: str) -> None:
     if os.environ.get("GATEWAY_SERVER", "fast") != "uvicorn":
         from gateway.server import run
 
-        run(app, "127.0.0.1", port)  # as `shuangjian serve gateway`
+        profile = os.environ.get("GATEWAY_PROFILE")
+        if not profile:
+            run(app, "127.0.0.1", port)  # as `shuangjian serve gateway`
+            return
+        # GATEWAY_PROFILE=<file>: cProfile of the gateway process, written at
+        # shutdown (py-spy does not see frames inside uvloop's callbacks).
+        import cProfile
+
+        profiler = cProfile.Profile(time.thread_time)  # CPU time, not wall time
+        profiler.enable()
+        try:
+            run(app, "127.0.0.1", port)
+        finally:
+            profiler.disable()
+            profiler.dump_stats(profile)
         return
     uvicorn.run(
         app,

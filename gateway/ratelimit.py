@@ -66,20 +66,29 @@ class MemoryBuckets:
         return self.take_now(buckets, time.monotonic())
 
     def take_now(self, buckets: Sequence[Bucket], now: float) -> tuple[float, int]:
-        levels = []
+        state = self._state
         wait, dry = 0.0, -1
+        touched = []
         for i, (key, rate, burst) in enumerate(buckets):
-            st = self._state.get(key)
-            tokens = float(burst) if st is None else min(burst, st[0] + (now - st[1]) * rate)
+            st = state.get(key)
+            if st is None:
+                # A new bucket is full (as a bucket that refilled completely).
+                tokens = float(burst)
+                st = state[key] = [tokens, now, rate, burst]
+            else:
+                tokens = st[0] + (now - st[1]) * rate
+                if tokens > burst:
+                    tokens = float(burst)
+                st[0], st[1], st[2], st[3] = tokens, now, rate, burst  # in place
             if tokens < 1.0:
                 need = (1.0 - tokens) / rate
                 if need > wait:
                     wait, dry = need, i
-            levels.append(tokens)
-        take = 1.0 if dry < 0 else 0.0
-        for (key, rate, burst), tokens in zip(buckets, levels, strict=True):
-            self._state[key] = [tokens - take, now, rate, burst]
-        if now - self._last_sweep > 60 or len(self._state) > self.max_keys:
+            touched.append(st)
+        if dry < 0:  # every bucket has a token: take one from each
+            for st in touched:
+                st[0] -= 1.0
+        if now - self._last_sweep > 60 or len(state) > self.max_keys:
             self._sweep(now)
         return wait, dry
 
@@ -202,6 +211,9 @@ class RateLimiter:
         ]
         self.store = store
         self._memory = store if isinstance(store, MemoryBuckets) else None
+        # (rule, client, address) -> its buckets and their scopes: the keys
+        # are built once per caller, not per request (cleared when large).
+        self._keyed: dict[tuple[int, str | None, str], tuple[list[Bucket], list[str]]] = {}
 
     def rule_for(self, method: str, path: str) -> _CompiledRule | None:
         for rule in self.rules:
@@ -232,7 +244,13 @@ class RateLimiter:
         rule = self.rule_for(method, path)
         if rule is None:
             return ALLOWED
-        buckets, scopes = self._buckets(rule, client, ip)
+        keyed = self._keyed
+        found = keyed.get((id(rule), client, ip))  # rules live as long as self
+        if found is None:
+            if len(keyed) >= 10_000:
+                keyed.clear()
+            found = keyed[id(rule), client, ip] = self._buckets(rule, client, ip)
+        buckets, scopes = found
         if not buckets:
             return rule.allowed
         wait, dry = self._memory.take_now(buckets, time.monotonic())

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import os
 import signal
 import time
 from collections.abc import MutableMapping
@@ -53,13 +52,25 @@ from gateway.edge import client_address, in_networks
 from gateway.proxy import (
     BUFFER_LIMIT,
     DEFAULT_TIMEOUT,
+    FORWARDED_OWN,
     HOP_BY_HOP,
     REQUEST_ID_RE,
+    REQUEST_SKIP,
     SERVICE_NAMES_ZH,
+    _bearer,
+    new_request_id,
     problem_bytes,
     upstream_failure,
 )
-from gateway.upstream import UpstreamError
+from gateway.upstream import (
+    BODY_METHODS,
+    IDEMPOTENT,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    _Conn,
+    _StaleConnection,
+)
 
 if TYPE_CHECKING:
     from gateway.app import GatewayApp
@@ -74,6 +85,8 @@ MAX_HEADERS = 256
 MAX_QUEUED = 16  # parsed requests waiting on one connection before reading pauses
 _REASONS = {s.value: f"{s.value} {s.phrase}".encode() for s in HTTPStatus}
 PROBLEM_TYPE = PROBLEM_MEDIA_TYPE.encode()
+REQUEST_SKIP_UNTRUSTED = REQUEST_SKIP | FORWARDED_OWN
+_METHODS = {m: m.encode() + b" " for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")}
 
 
 def status_line(status: int) -> bytes:
@@ -135,8 +148,7 @@ class HttpConnection(asyncio.Protocol):
         self.current: Request | None = None
         self.queue: collections.deque[Request] = collections.deque()
         self.worker: asyncio.Task[None] | None = None
-        self.busy = False  # a request is queued or being answered
-        self._idle: asyncio.Future[None] | None = None
+        self.busy = False  # a request is being answered
         self.closed = False
         self.paused_reading = False
         self.peer = ""
@@ -180,8 +192,6 @@ class HttpConnection(asyncio.Protocol):
             self._drain.set_result(None)
         if self._lost is not None and not self._lost.done():
             self._lost.set_result(None)
-        if self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -267,47 +277,60 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()  # nothing after a broken head is read
 
     def _enqueue(self, req: Request) -> None:
+        if not self.busy:
+            self.busy = True
+            self._start(req)
+            return
         self.queue.append(req)
-        self.busy = True
         if len(self.queue) > MAX_QUEUED and not self.paused_reading and self.transport:
             self.paused_reading = True
             self.transport.pause_reading()
-        if self.worker is None:
-            self.worker = self.srv.loop.create_task(self._run())
-        elif self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
 
-    async def _run(self) -> None:
-        """Answers the queued requests in order, then waits for the next
-        (one task per connection, not one per request)."""
+    def _start(self, req: Request) -> None:
+        """Answer `req` (the connection is busy until `done`): on the
+        callback path when the server can (no task, no await), else in a task."""
         try:
-            queue = self.queue
-            while not self.closed:
-                if not queue:
-                    self.busy = False
-                    self._idle = self.srv.loop.create_future()
-                    try:
-                        await self._idle
-                    finally:
-                        self._idle = None
-                    continue
-                self.busy = True
-                req = queue.popleft()
-                if self.paused_reading and not req.bad and len(queue) <= MAX_QUEUED // 2:
-                    self.paused_reading = False
-                    assert self.transport is not None
-                    self.transport.resume_reading()
-                keep = await self.srv.handle(self, req)
-                self.last = self.srv.loop.time()
-                if not keep or self.srv.stopping:
-                    self.close()
-                    break
+            if self.srv.forward_now(self, req):
+                return
+        except Exception:  # pragma: no cover - a bug: decided again on the task path
+            log.exception("forward_now_failed")
+        self.worker = self.srv.loop.create_task(self._run(req))
+
+    async def _run(self, req: Request) -> None:
+        keep = False
+        try:
+            keep = await self.srv.handle(self, req)
         except Exception:  # pragma: no cover - handle() answers its own errors
             log.exception("connection_failed")
-            self.close()
         finally:
-            self.busy = False
             self.worker = None
+            self.done(keep)
+
+    def done(self, keep: bool) -> None:
+        """The answer to the current request is written: on to the next."""
+        self.last = self.srv.loop.time()
+        if not keep or self.srv.stopping or self.closed:
+            self.busy = False
+            self.queue.clear()
+            self.close()
+            return
+        if not self.queue:
+            self.busy = False
+            return
+        # Pipelined requests: the next one from a fresh callback, never from
+        # inside the upstream parser's callbacks that may have called us.
+        self.srv.loop.call_soon(self._next)
+
+    def _next(self) -> None:
+        if self.closed or not self.queue:
+            self.busy = False
+            return
+        req = self.queue.popleft()
+        if self.paused_reading and not req.bad and len(self.queue) <= MAX_QUEUED // 2:
+            self.paused_reading = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        self._start(req)
 
     # -- writing ----------------------------------------------------------------
 
@@ -354,6 +377,7 @@ class GatewayServer:
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.stopping = False
+        self._prefix_headers: dict[str, bytes] = {}
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (useful with port 0)."""
@@ -384,9 +408,11 @@ class GatewayServer:
         for conn in list(self.conns):
             if not conn.busy:
                 conn.close()
-        workers = {c.worker for c in self.conns if c.busy and c.worker is not None}
-        if workers:
-            await asyncio.wait(workers, timeout=grace)
+        # Requests in flight (in a task or on the callback path) finish; each
+        # connection closes when its answer is written (`done`).
+        until = self.loop.time() + grace
+        while any(c.busy for c in self.conns) and self.loop.time() < until:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
         for conn in list(self.conns):
             if conn.worker is not None:
                 conn.worker.cancel()
@@ -459,6 +485,157 @@ class GatewayServer:
             return b"connection: keep-alive\r\n"
         return b""
 
+    # -- the callback path --------------------------------------------------------
+
+    def forward_now(self, conn: HttpConnection, req: Request) -> bool:
+        """Start forwarding `req` without a task when nothing needs an await:
+        a plain `/api/v1/<service>/...` path, a public route or a token the
+        verifier has cached, a rate-limit decision from memory that allows
+        it, and an idle pooled upstream connection. The upstream's response
+        is then relayed from the upstream connection's callbacks (`_Exchange`).
+        False (nothing done) sends the request down `handle`, which decides
+        everything else (refusals included) exactly as before."""
+        if req.bad or req.too_large:
+            return False
+        url = req.url
+        if not url.startswith(b"/api/v1/"):
+            return False
+        begun = time.perf_counter()
+        raw_path = url.partition(b"?")[0]
+        if b"%" in raw_path or b"/." in raw_path or b"#" in url:
+            return False
+        try:
+            path = raw_path.decode("ascii")
+        except UnicodeDecodeError:
+            return False
+        parts = path.split("/", 4)
+        if len(parts) != 5:
+            return False
+        service = parts[3]
+        rt = self.rt
+        pool = rt.pools.get(service)
+        if pool is None:
+            return False
+        rid_raw: bytes | None = None
+        authorization: bytes | None = None
+        forwarded_for: str | None = None
+        host = b""
+        nominated: set[bytes] | None = None
+        for key, value in req.headers:
+            if key == b"x-request-id":
+                rid_raw = value
+            elif key == b"authorization":
+                authorization = value
+            elif key == b"host":
+                host = value
+            elif key == b"x-forwarded-for":
+                text = value.decode("latin-1")
+                forwarded_for = f"{forwarded_for}, {text}" if forwarded_for else text
+            elif key == b"connection":
+                nominated = {t.strip().lower() for t in value.split(b",")}
+        method = req.method
+        client_id: str | None = None
+        if not rt.public.matches(service, method, "/" + parts[4]):
+            token = _bearer(authorization)
+            if token is None or rt.verifier is None:
+                return False
+            principal = rt.verifier.cached(token)
+            if principal is None:
+                return False
+            client_id = principal.client_id or principal.subject
+        up = pool.idle_conn()
+        if up is None:
+            return False
+        peer = conn.peer
+        ip = client_address(peer, forwarded_for, rt.trusted) if forwarded_for else peer
+        if rt.limiter is not None:
+            decision = rt.limiter.check_now(method, path, client_id, ip)
+            if decision is None or not decision.allowed:
+                pool.put(up)  # refused or in Redis: `handle` decides (a refusal takes nothing)
+                return False
+        if rid_raw is not None:
+            rid = rid_raw.decode("latin-1")
+            if not REQUEST_ID_RE.match(rid):
+                rid = new_request_id()
+                rid_raw = rid.encode("latin-1")
+        else:
+            rid = new_request_id()
+            rid_raw = rid.encode("latin-1")
+        # The request head: as Proxy._headers and UpstreamPool._head write it.
+        trusted = conn.peer_trusted
+        skip = REQUEST_SKIP if trusted else REQUEST_SKIP_UNTRUSTED
+        if nominated:
+            skip = skip | nominated
+        out = [
+            _METHODS.get(method) or method.encode("ascii") + b" ",
+            pool.prefix,
+            url[8 + len(service) :],  # the rest of the path, and the query
+            b" HTTP/1.1\r\nhost: ",
+            pool.host_header,
+            b"\r\n",
+        ]
+        present: set[bytes] | None = None
+        for key, value in req.headers:
+            if key in skip:
+                continue
+            if trusted and key in FORWARDED_OWN:
+                if present is None:
+                    present = set()
+                present.add(key)
+            out += (key, b": ", value, b"\r\n")
+        xff = f"{forwarded_for}, {peer}" if forwarded_for else peer
+        out += (b"x-forwarded-for: ", xff.encode("latin-1"), b"\r\n")
+        if present is None:
+            out.append(b"x-forwarded-proto: http\r\n")
+            if host:
+                out += (b"x-forwarded-host: ", host, b"\r\n")
+            out.append(self._prefix_header(service))
+        else:
+            if b"x-forwarded-proto" not in present:
+                out.append(b"x-forwarded-proto: http\r\n")
+            if host and b"x-forwarded-host" not in present:
+                out += (b"x-forwarded-host: ", host, b"\r\n")
+            if b"x-forwarded-prefix" not in present:
+                out.append(self._prefix_header(service))
+        out += (b"x-request-id: ", rid_raw, b"\r\n")
+        body = req.body
+        if body or method in BODY_METHODS:
+            out += (b"content-length: ", str(len(body)).encode(), b"\r\n\r\n", body)
+        else:
+            out.append(b"\r\n")
+        ex = _Exchange(self, conn, req, pool, up, service, path, rid, ip, client_id)
+        ex.forwarded_for = forwarded_for
+        ex.begun = begun
+        ex.timer = self.loop.call_later(rt.timeouts.get(service, DEFAULT_TIMEOUT), ex.expire)
+        up.begin(method == "HEAD")
+        up.listener = ex.event
+        assert up.transport is not None
+        up.transport.write(b"".join(out))
+        return True
+
+    def _prefix_header(self, service: str) -> bytes:
+        header = self._prefix_headers.get(service)
+        if header is None:
+            header = b"x-forwarded-prefix: /api/v1/" + service.encode("latin-1") + b"\r\n"
+            self._prefix_headers[service] = header
+        return header
+
+    def _response_head(
+        self, req: Request, rid: bytes, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> tuple[list[bytes], bytes | None]:
+        """The response head without framing and connection headers; and the
+        upstream's content-length."""
+        head = [status_line(status)]
+        length_header: bytes | None = None
+        for key, value in headers:
+            if key in RESPONSE_SKIP:
+                if key == b"content-length":
+                    length_header = value
+                continue
+            head += (key, b": ", value, b"\r\n")
+        head += (b"x-request-id: ", rid, b"\r\n", self.date())
+        return head, length_header
+
     async def forward(
         self,
         conn: HttpConnection,
@@ -483,7 +660,7 @@ class GatewayServer:
                 text = value.decode("latin-1")
                 forwarded_for = f"{forwarded_for}, {text}" if forwarded_for else text
         if not rid or not REQUEST_ID_RE.match(rid):
-            rid = _new_request_id()
+            rid = new_request_id()
         peer = conn.peer
         ip = client_address(peer, forwarded_for, rt.trusted) if forwarded_for else peer
         state: dict[str, Any] = {
@@ -560,6 +737,21 @@ class GatewayServer:
             rid = state["request_id"]
             self._write_problem(conn, req, rid, problem, keep=keep, instance=path_of(scope))
             return status, keep
+        return await self._relay(conn, req, scope, state, service, upstream, started)
+
+    async def _relay(
+        self,
+        conn: HttpConnection,
+        req: Request,
+        scope: dict[str, Any],
+        state: dict[str, Any],
+        service: str,
+        upstream: UpstreamResponse,
+        started: float,
+    ) -> tuple[int, bool]:
+        """The upstream's response head is in: relay it (buffered or streamed)."""
+        rt = self.rt
+        keep = req.keep_alive
         elapsed = time.perf_counter() - started
         state["upstream_ms"] = round(elapsed * 1000, 2)
         status = upstream.status
@@ -734,12 +926,240 @@ class GatewayServer:
         return keep
 
 
+class _Exchange:
+    """One request forwarded on the callback path: the upstream connection's
+    events (`event`) and the deadline (`expire`) drive it to the end, where
+    the response is written to the client in one write, the request is
+    recorded (metrics, access log) and the client connection goes on."""
+
+    __slots__ = (
+        "begun",
+        "client_id",
+        "conn",
+        "ended",
+        "forwarded_for",
+        "head_elapsed",
+        "ip",
+        "path",
+        "pool",
+        "req",
+        "rid",
+        "service",
+        "srv",
+        "start",
+        "timer",
+        "up",
+    )
+
+    def __init__(
+        self,
+        srv: GatewayServer,
+        conn: HttpConnection,
+        req: Request,
+        pool: UpstreamPool,
+        up: _Conn,
+        service: str,
+        path: str,
+        rid: str,
+        ip: str,
+        client_id: str | None,
+    ) -> None:
+        self.srv = srv
+        self.conn = conn
+        self.req = req
+        self.pool = pool
+        self.up = up
+        self.service = service
+        self.path = path
+        self.rid = rid
+        self.ip = ip
+        self.client_id = client_id
+        self.forwarded_for: str | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.start = time.perf_counter()  # sent upstream
+        self.begun = self.start  # the request reached the gateway's edge
+        self.ended = False
+        self.head_elapsed = 0.0  # seconds until the upstream's response head
+
+    def expire(self) -> None:
+        self.up.fail(TimeoutError())
+
+    def event(self) -> None:
+        try:
+            self._event()
+        except Exception:  # pragma: no cover - a bug: cut the exchange short
+            log.exception("proxy_failed", upstream=self.service)
+            self.up.listener = None
+            self.up.close()
+            if self.timer is not None:
+                self.timer.cancel()
+            self.conn.close()
+            self._finish(502, False, None)
+
+    def _event(self) -> None:
+        up = self.up
+        if up.error is not None:
+            self._failed(up.error)
+            return
+        if not up.head_done:
+            return
+        if not self.head_elapsed:
+            self.head_elapsed = time.perf_counter() - self.start
+        if up.complete:
+            self._respond()
+            return
+        req = self.req
+        status = up.status
+        no_body = req.method == "HEAD" or status in (204, 304) or 100 <= status < 200
+        length = None if up.chunked else up.length
+        if no_body or (length is not None and length <= BUFFER_LIMIT):
+            return  # buffered: wait for the end
+        self._continue_in_task(streaming=True)
+
+    def _respond(self) -> None:
+        """The whole response is in: one write to the client."""
+        srv, up, req, conn = self.srv, self.up, self.req, self.conn
+        up.listener = None
+        elapsed = self.head_elapsed  # as on the task path: until the response head
+        rt = srv.rt
+        status = up.status
+        rt.metrics.observe_upstream(self.service, status, elapsed)
+        rt.notice_up(self.service)
+        keep = req.keep_alive
+        head, length_header = srv._response_head(
+            req, self.rid.encode("latin-1"), status, up.headers
+        )
+        data = up.take()
+        if self.timer is not None:
+            self.timer.cancel()
+        if up.reusable():
+            self.pool.put(up)
+        else:
+            up.close()
+        if req.method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            if length_header is not None and status != 204:
+                head += (b"content-length: ", length_header, b"\r\n")
+            head += (srv._connection(req, keep), b"\r\n")
+        else:
+            head += (
+                srv._connection(req, keep),
+                b"content-length: ",
+                str(len(data)).encode(),
+                b"\r\n\r\n",
+                data,
+            )
+        conn.write(b"".join(head))
+        self._finish(status, keep, round(elapsed * 1000, 2))
+
+    def _failed(self, error: BaseException) -> None:
+        srv, up, req = self.srv, self.up, self.req
+        up.listener = None
+        if self.timer is not None:
+            self.timer.cancel()
+        up.close()
+        if isinstance(error, _StaleConnection) and req.method in IDEMPOTENT:
+            # Closed while idle in the pool: once more on a fresh connection,
+            # as UpstreamPool.request does, from the task path.
+            self._continue_in_task(streaming=False)
+            return
+        status = 504 if isinstance(error, TimeoutError) else 502
+        scope = self._scope()
+        problem = upstream_failure(srv.rt, scope, self.service, status, self.start)
+        keep = req.keep_alive
+        srv._write_problem(self.conn, req, self.rid, problem, keep=keep, instance=self.path)
+        self._finish(status, keep, scope["state"].get("upstream_ms"))
+
+    def _finish(self, status: int, keep: bool, upstream_ms: float | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        srv = self.srv
+        srv.edge.record_forward(
+            self.req.method,
+            self.path,
+            self.service,
+            self.rid,
+            self.ip,
+            status,
+            time.perf_counter() - self.begun,
+            upstream_ms,
+            self.client_id,
+        )
+        self.conn.done(keep)
+
+    def _scope(self) -> dict[str, Any]:
+        req, conn = self.req, self.conn
+        raw_path, _, query = req.url.partition(b"?")
+        state: dict[str, Any] = {
+            "request_id": self.rid,
+            "peer": conn.peer,
+            "client_ip": self.ip,
+            "forwarded_for": self.forwarded_for,
+            "peer_trusted": conn.peer_trusted,
+            "gw_service": self.service,
+            "client_id": self.client_id,
+        }
+        return {
+            "type": "http",
+            "method": req.method,
+            "path": self.path,
+            "raw_path": raw_path,
+            "query_string": query.partition(b"#")[0],
+            "headers": req.headers,
+            "scheme": "http",
+            "client": conn.client,
+            "state": state,
+        }
+
+    def _continue_in_task(self, *, streaming: bool) -> None:
+        """The rare cases (a streamed response, a retry) go on in a task."""
+        self.up.listener = None
+        self.srv.loop.create_task(self._rest(streaming))
+
+    async def _rest(self, streaming: bool) -> None:
+        srv, req, conn = self.srv, self.req, self.conn
+        scope = self._scope()
+        state = scope["state"]
+        code, keep = 500, False
+        ctx = request_id_var.set(self.rid)
+        try:
+            if streaming:
+                assert self.timer is not None
+                upstream = UpstreamResponse(self.up, self.pool, self.timer)
+                code, keep = await srv._relay(
+                    conn, req, scope, state, self.service, upstream, self.start
+                )
+            else:
+                raw_path = scope["raw_path"]
+                code, keep = await srv._exchange(
+                    conn, req, scope, state, self.service, raw_path, scope["query_string"]
+                )
+        except Exception:
+            if not state.get("gw_written"):
+                log.exception("proxy_failed", upstream=self.service)
+                name = SERVICE_NAMES_ZH.get(self.service, self.service)
+                code = 502
+                problem = Problem(502, f"{name}（{self.service}）暂不可用。", service=self.service)
+                srv._write_problem(conn, req, self.rid, problem, keep=False, instance=self.path)
+            keep = False
+        finally:
+            request_id_var.reset(ctx)
+        srv.edge.record_forward(
+            req.method,
+            self.path,
+            self.service,
+            self.rid,
+            self.ip,
+            code,
+            time.perf_counter() - self.begun,
+            state.get("upstream_ms"),
+            self.client_id,
+        )
+        conn.done(keep)
+
+
 def path_of(scope: dict[str, Any]) -> str:
     return cast(str, scope["path"])
-
-
-def _new_request_id() -> str:
-    return os.urandom(16).hex()  # as uuid4().hex, without the UUID object
 
 
 async def serve(

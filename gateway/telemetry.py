@@ -76,6 +76,21 @@ class GatewayMetrics(Metrics):
             registry=r,
         )
         self._children: dict[tuple[Any, ...], Any] = {}
+        self._bound: list[_Bound] = []
+        # Observations held by `_Bound` go in before every collection
+        # (generate_latest, get_sample_value): the registry's own `collect`,
+        # flushing first.
+        collect = r.collect
+
+        def flushed_collect() -> Any:
+            self.flush()
+            return collect()
+
+        r.collect = flushed_collect  # type: ignore[method-assign]
+
+    def flush(self) -> None:
+        for bound in self._bound:
+            bound.flush()
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         key = ("r", method, route, status)
@@ -85,6 +100,7 @@ class GatewayMetrics(Metrics):
                 self.requests.labels("gateway", method, route, str(status)),
                 self.latency.labels("gateway", method, route),
             )
+            self._bound.append(bound)
         bound.observe(seconds)
 
     def observe_upstream(self, upstream: str, status: int | str, seconds: float | None) -> None:
@@ -95,6 +111,7 @@ class GatewayMetrics(Metrics):
                 self.upstream_requests.labels(upstream, str(status)),
                 self.upstream_latency.labels(upstream),
             )
+            self._bound.append(bound)
         bound.observe(seconds)
 
     def reject(self, reason: str) -> None:
@@ -108,14 +125,26 @@ class GatewayMetrics(Metrics):
 class _Bound:
     """A counter child and a histogram child, observed together per request.
 
-    Straight to their values (prometheus_client's `_value`, `_sum`,
-    `_buckets`, `_upper_bounds`; bucket by bisection) rather than through
-    `inc()`/`observe()` with their checks and a loop over the buckets: the
-    same numbers, measured ~1 µs less per observation. Falls back to the
-    public methods if a prometheus_client version lacks those attributes.
+    Observations add up in plain Python numbers here (a count, a sum, a
+    count per bucket, found by bisection) and go into prometheus_client's
+    values (`_value`, `_sum`, `_buckets`, each an `inc()` under a lock) only
+    when the registry is collected (`GatewayMetrics` flushes first): the
+    same exposition, without six locked increments per request. Falls back
+    to the public methods if a prometheus_client version lacks those
+    attributes.
     """
 
-    __slots__ = ("bounds", "buckets", "count", "counter", "histogram", "sum")
+    __slots__ = (
+        "bounds",
+        "buckets",
+        "count",
+        "counter",
+        "histogram",
+        "n",
+        "pending",
+        "sum",
+        "total",
+    )
 
     def __init__(self, counter: Any, histogram: Any) -> None:
         self.counter, self.histogram = counter, histogram
@@ -123,17 +152,35 @@ class _Bound:
         self.sum = getattr(histogram, "_sum", None)
         self.buckets = getattr(histogram, "_buckets", None)
         self.bounds: list[float] = getattr(histogram, "_upper_bounds", None) or []
+        if self.count is None or self.sum is None or self.buckets is None:
+            self.bounds = []
+        self.n = 0  # observations not yet flushed
+        self.total = 0.0  # their seconds
+        self.pending = [0] * len(self.bounds)  # their count per bucket
 
     def observe(self, seconds: float | None) -> None:
-        if self.count is None or self.sum is None or self.buckets is None or not self.bounds:
+        if not self.bounds:
             self.counter.inc()
             if seconds is not None:
                 self.histogram.observe(seconds)
             return
-        self.count.inc(1)
+        self.n += 1
         if seconds is not None:
-            self.sum.inc(seconds)
-            self.buckets[bisect_left(self.bounds, seconds)].inc(1)
+            self.total += seconds
+            self.pending[bisect_left(self.bounds, seconds)] += 1
+
+    def flush(self) -> None:
+        n = self.n
+        if not n or self.count is None or self.sum is None or self.buckets is None:
+            return
+        total, pending = self.total, self.pending
+        self.n, self.total, self.pending = 0, 0.0, [0] * len(pending)
+        self.count.inc(n)
+        if any(pending):
+            self.sum.inc(total)
+            for bucket, k in zip(self.buckets, pending, strict=False):
+                if k:
+                    bucket.inc(k)
 
 
 class AccessLog:

@@ -29,7 +29,7 @@ import asyncio
 import collections
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -63,6 +63,7 @@ class _Conn(asyncio.Protocol):
         "idle_since",
         "keep_alive",
         "length",
+        "listener",
         "parser",
         "paused",
         "pool",
@@ -78,6 +79,9 @@ class _Conn(asyncio.Protocol):
         self.idle_since = 0.0
         self.parser: Any = None
         self.waiter: asyncio.Future[None] | None = None
+        # Instead of a waiter: called on every event of the exchange (head,
+        # body, end, error), so gateway/server.py's fast path needs no task.
+        self.listener: Callable[[], None] | None = None
         self.error: BaseException | None = None
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -110,6 +114,10 @@ class _Conn(asyncio.Protocol):
         self.error = None
 
     def _wake(self) -> None:
+        listener = self.listener
+        if listener is not None:
+            listener()
+            return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -333,6 +341,10 @@ class UpstreamPool:
 
     # -- connections ----------------------------------------------------------
 
+    def idle_conn(self) -> _Conn | None:
+        """A pooled connection ready now, or None (no waiting, no connecting)."""
+        return self._idle_conn() if not self._closed else None
+
     def _idle_conn(self) -> _Conn | None:
         """The most recently used idle connection that is still good."""
         idle = self._idle
@@ -400,6 +412,7 @@ class UpstreamPool:
             conn.close()
             return
         conn.parser = None
+        conn.listener = None
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
         self._notify()

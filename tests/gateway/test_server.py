@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,46 @@ async def test_gw01_shutdown_lets_requests_in_flight_finish_and_closes_idle_conn
         await Conn.open(gateway)  # and nothing listens any more
     idle.close()
     busy.close()
+
+
+async def test_gw01_on_a_warm_pooled_connection_streams_timeouts_and_ids_are_right(
+    served: Served, tmp_path: Path, issuer: TokenIssuer, mint: Any
+) -> None:
+    """Once an upstream connection is pooled and the token cached, requests go
+    the callback path (no task per request): a streamed response still comes
+    back whole, a slow service is still a 504 naming it, the connection goes
+    on after either, and every made request id is distinct and sane."""
+    echo = Echo()
+    echo.url = await served.start(echo)
+    app = build_gateway_app(
+        tmp_path,
+        issuer,
+        upstreams={"homework": echo.url},
+        upstream_timeouts={"homework": 0.5},
+        rate_limit_enabled=True,
+    )
+    gateway = await served.start_gateway(app, "fast")
+    token = mint("teacher")
+    conn = await Conn.open(gateway)
+    ids = []
+    for _ in range(3):  # the first one pools the upstream connection
+        await conn.send(get("/api/v1/homework/warm?a=1&a=2", token))
+        status, headers, body = await conn.response()
+        assert status == 200 and json.loads(body)["query_string"] == "a=1&a=2"
+        ids.append(headers["x-request-id"][0])
+        assert dict(json.loads(body)["headers"])["x-request-id"] == ids[-1]
+    assert len(set(ids)) == 3
+    assert all(re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", i) for i in ids)
+    await conn.send(get("/api/v1/homework/stream", token))
+    status, headers, body = await conn.response()
+    assert status == 200 and headers["transfer-encoding"] == ["chunked"]
+    assert body == b"".join(f"chunk-{i}\n".encode() for i in range(50))
+    await conn.send(get("/api/v1/homework/slow", token))
+    status, headers, body = await conn.response()
+    problem = json.loads(body)
+    assert status == 504 and problem["service"] == "homework"
+    assert headers["content-type"] == ["application/problem+json"]
+    await conn.send(get("/api/v1/homework/after", token))
+    status, _, body = await conn.response()
+    assert status == 200 and json.loads(body)["path"] == "/after"
+    conn.close()
