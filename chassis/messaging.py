@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-import nats.errors
 import structlog
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -525,7 +524,7 @@ class EventConsumer:
         while not self._stopping:
             try:
                 msgs = await psub.fetch(self.sub.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats' own, or asyncio's from inside fetch
                 self.last_fetch_at = time.monotonic()
                 continue  # nothing yet
             self.last_fetch_at = time.monotonic()
