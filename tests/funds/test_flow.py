@@ -9,7 +9,7 @@ from sqlalchemy import select
 from contracts import institutions as inst
 from services.funds import ledger
 from services.funds.models import Lesson
-from tests.funds.harness import TODAY, Funds, facts
+from tests.funds.harness import Funds, facts
 from tests.support import auth, eventually
 
 
@@ -175,7 +175,9 @@ async def test_fund04_auto_confirm_after_working_days(funds: Funds) -> None:
         from services.funds.service import calendar
 
         cal = await calendar(s)
-    assert cal.working_days_between(TODAY, due) == 7
+    # Counted from the day the service recorded (China's date, not the test's).
+    delivered = dt.date.fromisoformat(lesson["delivered_on"])
+    assert cal.working_days_between(delivered, due) == 7
     bureau = funds.mint("bureau", tenants=["region:jinhua"])
     r = await funds.client.post(
         "/ops/sweep", json={"as_of": (due - dt.timedelta(days=1)).isoformat()}, headers=auth(bureau)

@@ -12,6 +12,7 @@ from chassis.policy import PolicyRegistry
 from contracts import institutions as inst
 from contracts.base import Envelope
 from services.funds import ledger
+from services.funds.service import today_in_china
 from tests.funds.harness import Funds, facts
 from tests.support import auth, eventually
 
@@ -142,7 +143,7 @@ async def test_fund07_unfreeze_resumes_releases(funds: Funds) -> None:
     await funds.event_and_wait(
         inst.Blacklisted(
             **facts("i1", status="licensed", blacklisted=True, can_charge=False, reason="严重违规"),
-            listed_on=dt.date.today(),
+            listed_on=today_in_china(),
         ),
         lambda: state("frozen"),
     )
@@ -150,11 +151,11 @@ async def test_fund07_unfreeze_resumes_releases(funds: Funds) -> None:
     r = await funds.pay({"id": contract["id"], "total_fen": 30000})
     assert r.status_code in (409, 422)  # already paid / frozen
     await funds.event_and_wait(
-        inst.Delisted(**facts("i1", reason="移出黑名单"), delisted_on=dt.date.today()),
+        inst.Delisted(**facts("i1", reason="移出黑名单"), delisted_on=today_in_china()),
         lambda: state("active"),
     )
     # The plan's refund stays approved: cancel nothing; catch-up releases the confirmed lesson.
-    result = await _sweep(funds, dt.date.today())
+    result = await _sweep(funds, today_in_china())
     assert result["released_contracts"] == 1
     assert await funds.balance(ledger.releasable("i1")) == 9000
     await funds.check_books()

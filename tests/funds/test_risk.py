@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 from services.funds import ledger
 from services.funds.ledger import Leg, Posting
+from services.funds.service import today_in_china
 from tests.funds.harness import Funds
 from tests.support import auth
 
@@ -19,7 +18,7 @@ async def test_fund08_release_without_confirmed_lesson_and_liabilities_alerts(
     cid = contract["id"]
     bureau = funds.mint("bureau", tenants=["region:jinhua"])
     r = await funds.client.post(
-        "/ops/sweep", json={"as_of": dt.date.today().isoformat()}, headers=auth(bureau)
+        "/ops/sweep", json={"as_of": today_in_china().isoformat()}, headers=auth(bureau)
     )
     assert r.json()["alerts"] == 0
     # A balanced release posted behind the rules' back (no lesson confirmed).
@@ -37,7 +36,7 @@ async def test_fund08_release_without_confirmed_lesson_and_liabilities_alerts(
             ),
         )
     r = await funds.client.post(
-        "/ops/sweep", json={"as_of": dt.date.today().isoformat()}, headers=auth(bureau)
+        "/ops/sweep", json={"as_of": today_in_china().isoformat()}, headers=auth(bureau)
     )
     assert r.json()["alerts"] == 2
     alerts = (await funds.client.get("/alerts", headers=auth(bureau))).json()
@@ -50,7 +49,7 @@ async def test_fund08_release_without_confirmed_lesson_and_liabilities_alerts(
     }
     # Raised once per day, not on every sweep.
     r = await funds.client.post(
-        "/ops/sweep", json={"as_of": dt.date.today().isoformat()}, headers=auth(bureau)
+        "/ops/sweep", json={"as_of": today_in_china().isoformat()}, headers=auth(bureau)
     )
     assert r.json()["alerts"] == 0
     # The books still balance: the journal itself is consistent, the rules were not.
