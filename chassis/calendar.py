@@ -47,6 +47,15 @@ from typing import Annotated, Any, Final, Literal
 from lunar_python import Lunar, Solar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+#: Policy dates are China's local dates (UTC+8, no daylight saving).
+CHINA_TZ: Final = dt.timezone(dt.timedelta(hours=8), "Asia/Shanghai")
+
+
+def today_in_china() -> dt.date:
+    """Today in China; a server's own clock may be a day behind (after 16:00 UTC)."""
+    return dt.datetime.now(CHINA_TZ).date()
+
+
 __all__ = [
     "DEFAULT_CALENDAR_DIR",
     "FESTIVAL_NAMES_ZH",
@@ -67,6 +76,7 @@ __all__ = [
     "load_holiday_files",
     "load_school_terms",
     "statutory_days",
+    "today_in_china",
 ]
 
 #: ``policy/calendar`` of this repository.

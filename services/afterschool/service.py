@@ -21,6 +21,7 @@ from chassis.calendar import (
     SchoolTerms,
     load_holiday_files,
     load_school_terms,
+    today_in_china,
 )
 from chassis.db import Database, utcnow
 from chassis.errors import FieldError, Problem, conflict, rule_violation
@@ -59,7 +60,7 @@ def new_id() -> str:
 
 
 def local_today() -> dt.date:
-    return utcnow().astimezone(BEIJING).date()
+    return today_in_china()
 
 
 def _raise(violation: rules.Violation | None, status: int = 422) -> None:

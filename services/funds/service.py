@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.util import identity_key
 
 from chassis.auth import Principal
-from chassis.calendar import Calendar
+from chassis.calendar import Calendar, today_in_china
 from chassis.db import utcnow
 from chassis.errors import FieldError, Problem, conflict, not_found, rule_violation
 from chassis.messaging import emit
@@ -62,10 +62,6 @@ FREEZING_EVENTS = {
     "institutions.blacklisted.v1",
 }
 OPEN_REFUND = ("requested", "objected", "agreed", "deemed_agreed", "approved")
-
-
-def today_in_china() -> dt.date:
-    return dt.datetime.now(CHINA).date()
 
 
 def _id() -> str:

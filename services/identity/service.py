@@ -7,14 +7,14 @@ import io
 import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from chassis.calendar import HolidayArrangement
+from chassis.calendar import HolidayArrangement, today_in_china
 from chassis.db import Database, utcnow
 from chassis.errors import FieldError, Problem, conflict, not_found
 from chassis.messaging import emit
@@ -614,4 +614,4 @@ async def publish_holidays(db: Database, data: HolidayArrangement) -> HolidayArr
 
 
 def today_local() -> date:
-    return (datetime.now(UTC) + timedelta(hours=8)).date()
+    return today_in_china()
