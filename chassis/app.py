@@ -65,6 +65,9 @@ class ServiceSpec:
     openapi_tags: list[dict[str, Any]] = field(default_factory=list)
     # Service-specific start-up after the database is ready (e.g. signing keys).
     on_startup: Callable[[ServiceContext, FastAPI], Awaitable[None]] | None = None
+    # Service-specific clean-up before the database closes (e.g. a held
+    # connection), bounded like every other stop step.
+    on_shutdown: Callable[[ServiceContext], Awaitable[None]] | None = None
     # Time-driven steps (deadlines, expiries, re-checks); see chassis.scheduler.
     periodic_jobs: Sequence[PeriodicJob] = ()
     version: str = "1.0.0"
@@ -141,6 +144,8 @@ def create_service_app(
                 await stop_within(consumer.stop(), f"consumer {consumer.durable}")
             await stop_within(relay.stop(), "outbox relay")
             await stop_within(bus.close(), "nats")
+            if spec.on_shutdown is not None:
+                await stop_within(spec.on_shutdown(ctx), f"{spec.name} clean-up")
             await stop_within(db.dispose(), "database")
             log.info("service_stopped", service=spec.name)
 

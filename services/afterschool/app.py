@@ -19,6 +19,12 @@ from services.afterschool.consumers import (
 from services.afterschool.models import Base
 
 
+async def close_enroller(ctx: ServiceContext) -> None:
+    enroller = ctx.extras.get("enroller")
+    if enroller is not None:
+        await enroller.close()
+
+
 async def run_licence_expiry(ctx: ServiceContext) -> dict[str, int]:
     async with ctx.db.transaction() as session:
         return {"flagged": await flag_lapsed_licences(session, service.local_today())}
@@ -39,6 +45,7 @@ SPEC = ServiceSpec(
     migrations_dir=Path(__file__).resolve().parent / "migrations",
     subscriptions=[afterschool_roster_subscription(), institutions_subscription()],
     periodic_jobs=[licence_expiry_job],
+    on_shutdown=close_enroller,
 )
 
 

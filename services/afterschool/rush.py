@@ -20,13 +20,14 @@ transaction); its attempts are then decided one at a time by the classic path
 crashes stay correct.
 
 Sold out: once this process has seen a first-come course full, parents who
-do not want the waitlist are answered together from one read (the keys'
-stored answers and their own children; the course's school, status and window
-come from memory, kept with the mark) instead of a write transaction: "full",
-written nowhere, or the key's stored answer. The mark is dropped when this
-process frees a seat (after its commit), flags the course or changes a window,
-and trusted for ``service.SOLD_OUT_TTL`` seconds at most, so a change made
-through another replica shows within that time.
+do not want the waitlist are answered together from one read instead of a
+write transaction (``SoldOutReader``: one statement on PostgreSQL): "full",
+written nowhere, only when everything read as committed now — the child, the
+key, the course and its seats — says the decision would answer exactly that;
+every other asker goes to the write batch. The mark only routes askers to
+that read: each read that finds the course still full renews it, one that
+finds a seat free drops it, and so does this process freeing a seat (after
+its commit), flagging the course or changing a window.
 
 The batch runs Core statements on its session's connection (no ORM unit of
 work or statement plugin here).
@@ -35,6 +36,7 @@ work or statement plugin here).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -227,6 +229,7 @@ class Enroller:
         self.sold_queue: list[Attempt] = []
         self.sold_readers = 0
         self.sold_tasks: set[asyncio.Task[None]] = set()
+        self.pg_reader = None if db.is_sqlite else SoldOutReader(db)
         self.batches = 0
 
     async def submit(self, attempt: Attempt) -> Response:
@@ -242,7 +245,7 @@ class Enroller:
         """A no-waitlist attempt for a course known full: answered with the
         other such attempts waiting from one read, or else by the write batch."""
         self.sold_queue.append(attempt)
-        if self.sold_readers < SOLD_READERS:
+        if self.sold_readers < (1 if self.pg_reader is not None else SOLD_READERS):
             self.sold_readers += 1
             reader = asyncio.create_task(self._sold_work())
             self.sold_tasks.add(reader)
@@ -255,8 +258,11 @@ class Enroller:
                 batch = self.sold_queue[:MAX_BATCH]
                 del self.sold_queue[:MAX_BATCH]
                 try:
-                    async with self.gate:
-                        answers = await sold_out_answers(self.db, batch)
+                    if self.pg_reader is not None:
+                        answers = await self.pg_reader.answers(batch)
+                    else:
+                        async with self.gate:
+                            answers = await sold_out_answers(self.db, batch)
                 except Exception:
                     answers = [None] * len(batch)
                 for attempt, answer in zip(batch, answers, strict=True):
@@ -272,6 +278,11 @@ class Enroller:
             # No await between the empty queue seen and this: an asker who
             # comes next starts a reader.
             self.sold_readers -= 1
+
+    async def close(self) -> None:
+        """Give back the sold-out reader's connection (at shutdown)."""
+        if self.pg_reader is not None:
+            await self.pg_reader.close()
 
     async def _work(self) -> None:
         try:
@@ -305,8 +316,8 @@ class Enroller:
             for attempt in batch:
                 await self._one(attempt)
             return
-        for course_id, course in now_full.items():
-            service.mark_sold_out(course_id, generations[course_id], course)
+        for course_id in now_full:
+            service.mark_sold_out(course_id, generations[course_id])
         for attempt, answer in zip(batch, answers, strict=True):
             if attempt.future.done():
                 continue
@@ -340,81 +351,234 @@ class Enroller:
             attempt.future.set_result(answer)
 
 
+class SoldOutReader:
+    """PostgreSQL: the sold-out askers waiting, answered from ONE statement on
+    a connection kept for it — no pool checkout, pre-ping or BEGIN/COMMIT per
+    read (each a round trip and PostgreSQL CPU paid per read: they were most
+    of a sold-out answer's database cost).
+
+    The statement reads, per asker, everything "full" depends on as it is
+    committed now: the child (the caller's own? active? of which school?),
+    whether the child holds any live enrollment, whether the
+    Idempotency-Key already holds something, and the course with its
+    window (school, status, seats, mode). "Full" only when the decision
+    would say exactly that (``service.check_attempt`` passes and no seat is
+    free); anything else — a stored key (replayed by the write batch), a
+    stranger, a free seat, a child with live enrollments (already enrolled
+    or a slot clash come first) — goes to the write batch. A course read full
+    refreshes this process's mark, so a mark never lapses into a write
+    transaction while the course stays full; one read with a free seat drops
+    it. Reads only; any failure drops the connection and hands the askers to
+    the write batch."""
+
+    # Each lookup is a LATERAL point read by an index, whatever the planner's
+    # statistics say: in a rush the keys and enrollments tables grow faster
+    # than autovacuum analyzes them, and an EXISTS was planned as a hashed
+    # scan of the whole keys table (ms per read). The live enrollments are
+    # counted over the student's rows (ix_enrollments_student_id), not
+    # filtered by status in the WHERE, which picked a full scan of the
+    # partial index uq_enrollments_live.
+    SQL = """
+        SELECT s.school_id, coalesce(s.active, false), g.own IS NOT NULL,
+               e.live > 0, k.stored IS NOT NULL,
+               c.school_id, c.status, c.seats_taken >= c.capacity,
+               p.window_mode, p.window_opens_at, p.window_closes_at
+        FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[],
+                    $5::varchar[]) WITH ORDINALITY AS a(student, guardian, client, key, course, i)
+        LEFT JOIN roster_students s ON s.id = a.student
+        LEFT JOIN LATERAL (SELECT true AS own FROM roster_guardianships
+                           WHERE student_id = a.student AND guardian_id = a.guardian
+                           LIMIT 1) g ON true
+        LEFT JOIN LATERAL (SELECT count(*) FILTER (
+                                  WHERE status IN ('applied', 'held', 'waitlisted')) AS live
+                           FROM enrollments WHERE student_id = a.student) e ON true
+        LEFT JOIN LATERAL (SELECT true AS stored FROM idempotency_keys
+                           WHERE client = a.client AND key = a.key
+                           LIMIT 1) k ON true
+        LEFT JOIN courses c ON c.id = a.course
+        LEFT JOIN plans p ON p.id = c.plan_id
+        ORDER BY a.i
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: Any = None
+        self._statement: Any = None
+
+    async def answers(self, batch: Sequence[Attempt]) -> list[Response | BaseException | None]:
+        generations = _generations(batch)
+        rows = await self._fetch(batch)
+        return _told_full_or_not(
+            batch, [_Asker(*row[:5]) for row in rows], _courses_now(batch, rows), generations
+        )
+
+    async def _fetch(self, batch: Sequence[Attempt]) -> list[Any]:
+        if self._statement is None:
+            self._conn = await self.db.engine.connect()
+            raw = await self._conn.get_raw_connection()
+            self._statement = await raw.driver_connection.prepare(self.SQL)
+        try:
+            return list(
+                await self._statement.fetch(
+                    [a.data.student_id for a in batch],
+                    [a.principal.person_id or "" for a in batch],
+                    [a.claim.client for a in batch],
+                    [a.claim.key for a in batch],
+                    [a.data.course_id for a in batch],
+                )
+            )
+        except BaseException:
+            conn, self._conn, self._statement = self._conn, None, None
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            raise
+
+    async def close(self) -> None:
+        conn, self._conn, self._statement = self._conn, None, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+
+@dataclass
+class _Asker:
+    """What "full" depends on of one sold-out asker, as committed now."""
+
+    school_id: str | None
+    active: bool
+    own_child: bool
+    has_live_enrollment: bool
+    key_stored: bool
+
+
+def _generations(batch: Sequence[Attempt]) -> dict[str, tuple[int, int]]:
+    return {a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch}
+
+
+def _courses_now(batch: Sequence[Attempt], rows: Sequence[Any]) -> dict[str, Any]:
+    """Course id -> (school, full now for a first-come asker) from read rows
+    whose columns 5.. are the course's school, status, full, window mode,
+    window opening and closing (None for a course that does not exist)."""
+    now = utcnow()
+    courses: dict[str, Any] = {}
+    for a, row in zip(batch, rows, strict=True):
+        school, status, full, mode, opens, closes = row[5:11]
+        if school is not None:
+            courses[a.data.course_id] = (
+                school,
+                bool(
+                    full
+                    and status == "active"
+                    and mode != "lottery"
+                    and rules.window_state(now, opens, closes) == "open"
+                ),
+            )
+    return courses
+
+
+def _told_full_or_not(
+    batch: Sequence[Attempt],
+    askers: Sequence[_Asker],
+    courses: dict[str, Any],
+    generations: dict[str, tuple[int, int]],
+) -> list[Response | BaseException | None]:
+    """ "Full" where the decision would say exactly that (``check_attempt``
+    passes and no seat is free), else None: the write batch decides. Marks
+    follow what was read: a course read full stays marked, one with a seat
+    free is unmarked."""
+    answers: list[Response | BaseException | None] = []
+    for a, asker in zip(batch, askers, strict=True):
+        course = courses.get(a.data.course_id)
+        told_full = (
+            course is not None
+            and course[1]
+            and course[0] == asker.school_id
+            and not asker.key_stored
+            and asker.own_child
+            and asker.active
+            and not asker.has_live_enrollment
+            and a.data.consent
+            and a.principal.has_role("parent")
+        )
+        answers.append(service.full() if told_full else None)
+    for course_id in {a.data.course_id for a in batch}:
+        course = courses.get(course_id)
+        if course is not None and course[1]:
+            service.mark_sold_out(course_id, generations[course_id])
+        else:
+            service.forget_sold_out_course(course_id)
+    return answers
+
+
 async def sold_out_answers(
     db: Database, batch: Sequence[Attempt]
 ) -> list[Response | BaseException | None]:
-    """Answers for parents who do not want the waitlist, asking for courses
-    this process knows are full, from one read for the whole batch: the key's
-    stored answer if it has one (a retry is never told something else); "full"
-    (written nowhere) when the caller's own active child is at the course's
-    school, the window is open and consent given; else None — the write batch
-    decides (and answers a stranger 404 exactly as for a missing course)."""
-    s, g, k = roster.students, roster.guardianships, idempotency_table
+    """SQLite: the same reads as ``SoldOutReader``'s statement, as a few Core
+    queries in one read transaction (SQLite has no unnest)."""
+    s, g, k, e = roster.students, roster.guardianships, idempotency_table, Enrollment.__table__
+    generations = _generations(batch)
     keys = list({(a.claim.client, a.claim.key) for a in batch})
     student_ids = list({a.data.student_id for a in batch})
     course_ids = list({a.data.course_id for a in batch})
-    clock = time.monotonic()
     async with db.read() as session:
         conn = await session.connection()
-        stored_rows = {
-            (row["client"], row["key"]): row
-            for row in (await conn.execute(select(k).where(_keys_among(db, k, keys)))).mappings()
+        stored = {
+            (row.client, row.key)
+            for row in await conn.execute(
+                select(k.c.client, k.c.key).where(_keys_among(db, k, keys))
+            )
         }
         students: dict[str, Any] = {}
         guardians: dict[str, set[str]] = {}
         for row in await conn.execute(
             select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
-            .join(g, g.c.student_id == s.c.id)
+            .outerjoin(g, g.c.student_id == s.c.id)
             .where(_among(db, s.c.id, student_ids))
         ):
             students[row.id] = row
             guardians.setdefault(row.id, set()).add(row.guardian_id)
-        # The course (school, status, window) as the decision that marked it
-        # full read it: trusted as long as the mark (service.SOLD_OUT_TTL).
-        courses = {cid: service.sold_out_course(cid, clock) for cid in course_ids}
-        unknown = [cid for cid, course in courses.items() if course is None]
-        if unknown:
-            courses.update(
-                (row.id, row)
-                for row in await conn.execute(
-                    select(
-                        Course.id,
-                        Course.school_id,
-                        Course.status,
-                        Plan.window_opens_at,
-                        Plan.window_closes_at,
+        enrolled = set(
+            (
+                await conn.execute(
+                    select(e.c.student_id).where(
+                        _among(db, e.c.student_id, student_ids),
+                        e.c.status.in_(ACTIVE_STATUSES),
                     )
-                    .join(Plan, Plan.id == Course.plan_id)
-                    .where(_among(db, Course.id, unknown))
                 )
+            ).scalars()
+        )
+        course_rows = {
+            row.id: row
+            for row in await conn.execute(
+                select(
+                    Course.id,
+                    Course.school_id,
+                    Course.status,
+                    Course.seats_taken >= Course.capacity,
+                    Plan.window_mode,
+                    Plan.window_opens_at,
+                    Plan.window_closes_at,
+                )
+                .join(Plan, Plan.id == Course.plan_id)
+                .where(_among(db, Course.id, course_ids))
             )
-    now = utcnow()
-    answers: list[Response | BaseException | None] = []
+        }
+    askers = []
+    rows = []
     for a in batch:
-        row = stored_rows.get((a.claim.client, a.claim.key))
-        if row is not None:
-            try:
-                answers.append(idempotency.stored_answer(row, a.claim))
-            except Problem as problem:
-                answers.append(problem)
-            continue
         student = students.get(a.data.student_id)
-        course = courses.get(a.data.course_id)
-        if (
-            a.data.consent
-            and a.principal.has_role("parent")
-            and a.principal.person_id in guardians.get(a.data.student_id, ())
-            and student is not None
-            and student.active
-            and course is not None
-            and course.school_id == student.school_id
-            and course.status == "active"
-            and rules.window_state(now, course.window_opens_at, course.window_closes_at) == "open"
-        ):
-            answers.append(service.full())
-        else:
-            answers.append(None)
-    return answers
+        askers.append(
+            _Asker(
+                student.school_id if student is not None else None,
+                bool(student is not None and student.active),
+                a.principal.person_id in guardians.get(a.data.student_id, ()),
+                a.data.student_id in enrolled,
+                (a.claim.client, a.claim.key) in stored,
+            )
+        )
+        course = course_rows.get(a.data.course_id)
+        rows.append((None,) * 5 + (tuple(course)[1:] if course is not None else (None,) * 6))
+    return _told_full_or_not(batch, askers, _courses_now(batch, rows), generations)
 
 
 @dataclass

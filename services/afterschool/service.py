@@ -536,13 +536,13 @@ async def open_window(
 
 # ----------------------------------------------------------------- enrollment
 
-#: Courses this process saw full: course id -> (monotonic time it was seen,
-#: the course's row as that decision read it: school, status, window).
-#: Only answers "full" to parents who do not want the waitlist; cleared when
-#: this process frees a seat, flags the course or changes a window, and
-#: trusted for SOLD_OUT_TTL seconds at most (a seat freed, a course flagged or
-#: a window changed through another replica shows within that time).
-_sold_out: dict[str, tuple[float, Any]] = {}
+#: Courses this process saw full: course id -> monotonic time it was seen.
+#: Only routes parents who do not want the waitlist to the sold-out read
+#: (services/afterschool/rush.py), which answers "full" from the committed
+#: course, never from this memory; cleared when this process frees a seat,
+#: flags the course or changes a window, refreshed by every read that finds
+#: the course still full, and trusted for SOLD_OUT_TTL seconds at most.
+_sold_out: dict[str, float] = {}
 #: Bumped whenever this process frees a seat of the course: a decision that
 #: read the course before the bump may not mark it full afterwards.
 _freed: dict[str, int] = {}
@@ -565,20 +565,19 @@ def sold_out_generation(course_id: str) -> tuple[int, int]:
     return _epoch[0], _freed.get(course_id, 0)
 
 
-def mark_sold_out(course_id: str, generation: tuple[int, int], course: Any = None) -> None:
+def mark_sold_out(course_id: str, generation: tuple[int, int]) -> None:
     if sold_out_generation(course_id) == generation:
-        _sold_out[course_id] = (time.monotonic(), course)
+        _sold_out[course_id] = time.monotonic()
+
+
+def forget_sold_out_course(course_id: str) -> None:
+    """Drop one course's mark (a read found a seat free)."""
+    _sold_out.pop(course_id, None)
 
 
 def is_sold_out(course_id: str, now: float) -> bool:
     seen = _sold_out.get(course_id)
-    return seen is not None and now - seen[0] < SOLD_OUT_TTL
-
-
-def sold_out_course(course_id: str, now: float) -> Any:
-    """The course row stored with a mark still trusted (None otherwise)."""
-    seen = _sold_out.get(course_id)
-    return seen[1] if seen is not None and now - seen[0] < SOLD_OUT_TTL else None
+    return seen is not None and now - seen < SOLD_OUT_TTL
 
 
 def enrollment_out(e: Enrollment) -> schemas.EnrollmentOut:
