@@ -12,9 +12,10 @@ bench's JWKS, access log on, webhooks off; rate limits set far above the load,
 since here thousands of parents share one address and the default enrollment
 limit would answer 429). The database is a SQLite file in a temporary
 directory, or a fresh PostgreSQL database created under BENCH_POSTGRES_URL (an
-admin URL; dropped afterwards). This process is the load generator (one
-aiohttp session); every request carries its parent's own access token and an
-Idempotency-Key, as a parent's app would send, so both the gateway and the
+admin URL; dropped afterwards). This process is the load generator (a lean
+keep-alive HTTP client, bench/loadclient.py, so that it takes as little of
+the shared cores as it can); every request carries its parent's own access
+token and an Idempotency-Key, as a parent's app would send, so both the gateway and the
 service verify a token per request.
 
 Why two kinds of load. A closed loop (c clients, each sending its next
@@ -87,10 +88,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import aiohttp
 import httpx
 from sqlalchemy import func, select, text
 
+from bench.loadclient import LeanClient
 from chassis.db import Database, utcnow
 from launcher.nats_server import EmbeddedNats, free_port
 from services.afterschool.models import Course, Enrollment
@@ -502,25 +503,17 @@ async def bench(args: argparse.Namespace) -> None:
         await helpers.open_window(client, admin, plan["id"])
         await client.aclose()
         tokens = [helpers.parent_token(mint, school, i) for i in range(total)]
-        # Idle connections dropped before the servers' keep-alive (5 s) does.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=2)
-        session = aiohttp.ClientSession(connector=connector)
+        clients = {base: LeanClient(base) for base in (gateway, direct)}
 
         async def post(base: str, i: int, course_id: str, key: str, waitlist: bool) -> int:
-            try:
-                async with session.post(
-                    f"{base}/enrollments" + ("" if waitlist else "?waitlist=false"),
-                    json={
-                        "student_id": school.students[i],
-                        "course_id": course_id,
-                        "consent": True,
-                    },
-                    headers={"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": key},
-                ) as r:
-                    await r.read()
-                    return r.status
-            except aiohttp.ClientError:
-                return 0  # no answer (shown as 0 among the answers)
+            body = json.dumps(
+                {"student_id": school.students[i], "course_id": course_id, "consent": True}
+            ).encode()
+            return await clients[base].post(
+                "/enrollments" + ("" if waitlist else "?waitlist=false"),
+                body,
+                {"Authorization": f"Bearer {tokens[i]}", "Idempotency-Key": key},
+            )
 
         def tap(base: str, course_of: Callable[[int], str], offset: int = 0, waitlist: bool = True):
             async def one(i: int) -> tuple[int, float]:
@@ -652,7 +645,8 @@ async def bench(args: argparse.Namespace) -> None:
 
         if "d" in args.paths:
             await rush("d", direct, "directly to the service", n, askers + extra)
-        await session.close()
+        for lean in clients.values():
+            lean.close()
         if "r" not in args.paths:
             return
 

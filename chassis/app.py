@@ -155,6 +155,10 @@ def create_service_app(
         version=spec.version,
         lifespan=lifespan,
         openapi_tags=[*spec.openapi_tags, {"name": "运维", "description": "健康检查与指标"}],
+        # The platform's metrics are Prometheus (chassis.observability), its
+        # logs structlog: FastAPI's OpenTelemetry hooks stay off — otherwise
+        # every request pays for looking up three OpenTelemetry providers.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.metrics = metrics
     app.add_middleware(RequestContextMiddleware, metrics=metrics)

@@ -146,6 +146,13 @@ def conflict(detail: str, **extensions: Any) -> Problem:
     return Problem(409, detail, **extensions)
 
 
+def url_path(request: Request) -> str:
+    """``request.url.path`` without building the URL (host, query and all) —
+    it was a few per cent of a busy route's CPU, paid twice: the problem's
+    ``instance`` and the Idempotency-Key's fingerprint."""
+    return request.scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+
+
 def problem_body(request: Request | None, problem: Problem) -> dict[str, Any]:
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + problem.slug,
@@ -154,7 +161,7 @@ def problem_body(request: Request | None, problem: Problem) -> dict[str, Any]:
         "detail": problem.detail,
     }
     if request is not None:
-        body["instance"] = request.url.path
+        body["instance"] = url_path(request)
         request_id = getattr(request.state, "request_id", None)
         if request_id:
             body["request_id"] = request_id

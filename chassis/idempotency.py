@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis.auth import Principal
 from chassis.db import Database, utcnow
-from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
+from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body, url_path
 from chassis.messaging import idempotency_table
 
 HEADER = "Idempotency-Key"
@@ -62,7 +62,8 @@ async def identify(request: Request, principal: Principal) -> IdempotentRequest:
         raise Problem(400, f"{HEADER} 过长（上限 {MAX_KEY_LENGTH} 个字符）。")
     body = await request.body()
     digest = hashlib.sha256()
-    for part in (request.method, request.url.path, request.url.query):
+    query = request.scope.get("query_string", b"").decode()
+    for part in (request.method, url_path(request), query):
         digest.update(part.encode() + b"\0")
     digest.update(body)
     return IdempotentRequest(

@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.datastructures import QueryParams
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from chassis import idempotency
@@ -33,8 +34,7 @@ async def _enroll_lean(request: Request) -> Response:
     body), without its per-request dependency solving — one token check
     (cached), one Pydantic parse of the body — then the rush queue."""
     principal = await current_principal(request, None)
-    # (Starlette's query_params parses through urllib: skipped when empty.)
-    raw_waitlist = request.query_params.get("waitlist") if request.scope["query_string"] else None
+    raw_waitlist = _waitlist_of(request.scope["query_string"])
     waitlist = True
     errors: list[dict[str, Any]] = []
     if raw_waitlist is not None:
@@ -58,6 +58,22 @@ async def _enroll_lean(request: Request) -> Response:
     if errors or data is None:
         raise RequestValidationError(errors)
     return await enroll(request, data, principal, request.app.state.ctx, waitlist)
+
+
+_WAITLIST_OF_QUERY: dict[bytes, str | None] = {b"": None}
+
+
+def _waitlist_of(query: bytes) -> str | None:
+    """``request.query_params.get("waitlist")``, remembered per query string:
+    a rush sends the same few (Starlette parses each anew through urllib —
+    a few per cent of the route's CPU)."""
+    try:
+        return _WAITLIST_OF_QUERY[query]
+    except KeyError:
+        value = QueryParams(query).get("waitlist")
+        if len(_WAITLIST_OF_QUERY) < 64:
+            _WAITLIST_OF_QUERY[query] = value
+        return value
 
 
 _FLAGS = {

@@ -149,3 +149,25 @@ async def test_openapi_documents_problem_responses(service, start_service):
     assert ready.status_code in (200, 503)
     metrics = await svc.client.get("/metrics")
     assert "http_requests_total" in metrics.text
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/enrollments", "/a b/c", "/课程/x", "/x%3Fy", "/a?b", "/a#b", "/a\\b", "//twice", "/"],
+)
+async def test_url_path_is_the_url_path_starlette_builds(path):
+    from starlette.requests import Request
+
+    from chassis.errors import url_path
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "query_string": b"x=1&y=%E4%B8%AD",
+        "headers": [(b"host", b"svc.example:8080")],
+        "server": ("127.0.0.1", 8080),
+        "scheme": "http",
+    }
+    request = Request(scope)
+    assert url_path(request) == request.url.path
