@@ -128,14 +128,27 @@ def _among(db: Database, column: Any, values: list[str]) -> Any:
     return column == any_(bindparam(None, values, type_=ARRAY(String)))
 
 
-def _keys_among(db: Database, table: Any, keys: list[tuple[str, str]]) -> Any:
-    """The rows of these (client, key) pairs — on PostgreSQL a superset
-    (client among the clients and key among the keys, one SQL text): the
-    caller keeps the exact pairs."""
+def _keys_among(table: Any, keys: list[tuple[str, str]]) -> Any:
+    """SQLite: the rows of these (client, key) pairs."""
+    return tuple_(table.c.client, table.c.key).in_(keys)
+
+
+def _stored_keys(db: Database, keys: list[tuple[str, str]]) -> Any:
+    """The stored rows of these (client, key) pairs. On PostgreSQL one point
+    read of the primary key per pair (LATERAL): ``client = ANY(...) AND key =
+    ANY(...)`` was planned as a scan of the whole table whenever it had grown
+    since its last ANALYZE — as it always has in a rush (ms per batch, growing
+    with the table)."""
     if db.is_sqlite:
-        return tuple_(table.c.client, table.c.key).in_(keys)
-    return _among(db, table.c.client, sorted({c for c, _ in keys})) & _among(
-        db, table.c.key, sorted({k for _, k in keys})
+        return select(idempotency_table).where(_keys_among(idempotency_table, keys))
+    return (
+        text(
+            "SELECT k.* FROM unnest(CAST(:clients AS varchar[]), CAST(:keys AS varchar[]))"
+            " AS a(client, key) CROSS JOIN LATERAL (SELECT * FROM idempotency_keys"
+            " WHERE client = a.client AND key = a.key) AS k"
+        )
+        .bindparams(clients=[c for c, _ in keys], keys=[k for _, k in keys])
+        .columns(*idempotency_table.c)
     )
 
 
@@ -524,9 +537,7 @@ async def sold_out_answers(
         conn = await session.connection()
         stored = {
             (row.client, row.key)
-            for row in await conn.execute(
-                select(k.c.client, k.c.key).where(_keys_among(db, k, keys))
-            )
+            for row in await conn.execute(select(k.c.client, k.c.key).where(_keys_among(k, keys)))
         }
         students: dict[str, Any] = {}
         guardians: dict[str, set[str]] = {}
@@ -537,16 +548,13 @@ async def sold_out_answers(
         ):
             students[row.id] = row
             guardians.setdefault(row.id, set()).add(row.guardian_id)
-        enrolled = set(
-            (
-                await conn.execute(
-                    select(e.c.student_id).where(
-                        _among(db, e.c.student_id, student_ids),
-                        e.c.status.in_(ACTIVE_STATUSES),
-                    )
-                )
-            ).scalars()
-        )
+        enrolled = {
+            row.student_id
+            for row in await conn.execute(
+                select(e.c.student_id, e.c.status).where(_among(db, e.c.student_id, student_ids))
+            )
+            if row.status in ACTIVE_STATUSES  # (as in decide: the student's index)
+        }
         course_rows = {
             row.id: row
             for row in await conn.execute(
@@ -614,11 +622,7 @@ async def decide(
         # 1. Keys this batch does not own: replays and refusals, written nowhere.
         existing = {
             (row["client"], row["key"]): row
-            for row in (
-                await conn.execute(
-                    select(idempotency_table).where(_keys_among(db, idempotency_table, list(keyed)))
-                )
-            ).mappings()
+            for row in (await conn.execute(_stored_keys(db, list(keyed)))).mappings()
         }
         for k, i in keyed.items():
             row = existing.get(k)
@@ -687,12 +691,15 @@ async def decide(
                     Course.end,
                 )
                 .join(Course, Course.id == Enrollment.course_id)
-                .where(
-                    _among(db, Enrollment.student_id, student_ids),
-                    Enrollment.status.in_(ACTIVE_STATUSES),
-                )
+                # All the children's rows, live ones kept below: a status
+                # filter here let PostgreSQL scan the whole partial index
+                # uq_enrollments_live whenever the table had grown since its
+                # last ANALYZE — as it always has in a rush (ms per batch,
+                # growing with the table).
+                .where(_among(db, Enrollment.student_id, student_ids))
             ):
-                mine[row.student_id].append(row)
+                if row.status in ACTIVE_STATUSES:
+                    mine[row.student_id].append(row)
         # 3. Each attempt in arrival order, as service.enroll decides it.
         rows: list[dict[str, Any]] = []
         events: list[ev.EnrollmentChanged] = []
