@@ -427,9 +427,15 @@ class SoldOutReader:
 
     async def _fetch(self, batch: Sequence[Attempt]) -> list[Any]:
         if self._statement is None:
-            self._conn = await self.db.engine.connect()
-            raw = await self._conn.get_raw_connection()
-            self._statement = await raw.driver_connection.prepare(self.SQL)
+            conn = await self.db.engine.connect()
+            try:
+                raw = await conn.get_raw_connection()
+                self._statement = await raw.driver_connection.prepare(self.SQL)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await conn.invalidate()
+                raise
+            self._conn = conn
         try:
             return list(
                 await self._statement.fetch(

@@ -177,3 +177,26 @@ async def test_as04_sold_out_answer_follows_a_seat_freed_elsewhere(svc, mint):
     r = await enroll(svc.client, tokens[2], school.students[2], course["id"], waitlist=False)
     assert r.status_code == 201 and r.json()["status"] == "held"
     assert rush.sold_out_now(course["id"])  # full again: that was the last seat
+
+
+async def test_as04_sold_out_reader_that_cannot_start_keeps_no_connection(svc, mint, monkeypatch):
+    """A reader whose statement cannot even be prepared answers through the
+    write batch and leaves the pool as it found it (no connection kept half
+    set up), then starts again once it can."""
+    school, course, tokens, _ = await full_course(svc, mint, students=6)
+    reader = svc.ctx.extras["enroller"].pg_reader
+    if reader is not None:
+        await reader.close()
+        monkeypatch.setattr(rush.SoldOutReader, "SQL", "SELEC not sql")
+    pool = svc.ctx.db.engine.pool
+    checked_out = pool.checkedout() if hasattr(pool, "checkedout") else None
+    for i in range(2, 5):
+        r = await enroll(svc.client, tokens[i], school.students[i], course["id"], waitlist=False)
+        assert r.status_code == 409 and r.json()["full"] is True
+    if reader is not None:
+        assert reader._conn is None
+        assert pool.checkedout() == checked_out
+        monkeypatch.undo()
+        r = await enroll(svc.client, tokens[5], school.students[5], course["id"], waitlist=False)
+        assert r.status_code == 409 and r.json()["full"] is True
+        assert reader._conn is not None
