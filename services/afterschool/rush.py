@@ -88,7 +88,9 @@ class Attempt:
     data: schemas.EnrollIn
     join_waitlist: bool
     claim: idempotency.IdempotentRequest
-    future: asyncio.Future[Response] = field(
+    # Answered with a Response, or a Problem (a refusal, as a value: see
+    # api.enroll); set_exception only for failures.
+    future: asyncio.Future[Response | Problem] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     queued_at: float = field(default_factory=time.perf_counter)
@@ -231,6 +233,14 @@ def _problem_response(problem: Problem) -> tuple[int, bytes, str]:
     return problem.status, body, PROBLEM_MEDIA_TYPE
 
 
+def _answer(attempt: Attempt, answer: Response | BaseException) -> None:
+    """A refusal (Problem) as the future's value, other failures raised."""
+    if isinstance(answer, Problem) or not isinstance(answer, BaseException):
+        attempt.future.set_result(answer)
+    else:
+        attempt.future.set_exception(answer)
+
+
 class Enroller:
     """The enrollment queue of one process (kept in the service context)."""
 
@@ -245,7 +255,7 @@ class Enroller:
         self.pg_reader = None if db.is_sqlite else SoldOutReader(db)
         self.batches = 0
 
-    async def submit(self, attempt: Attempt) -> Response:
+    async def submit(self, attempt: Attempt) -> Response | Problem:
         self._enqueue(attempt)
         return await asyncio.shield(attempt.future)
 
@@ -254,7 +264,7 @@ class Enroller:
         if self.worker is None:
             self.worker = asyncio.create_task(self._work())
 
-    async def ask_sold_out(self, attempt: Attempt) -> Response:
+    async def ask_sold_out(self, attempt: Attempt) -> Response | Problem:
         """A no-waitlist attempt for a course known full: answered with the
         other such attempts waiting from one read, or else by the write batch."""
         self.sold_queue.append(attempt)
@@ -283,10 +293,8 @@ class Enroller:
                         continue
                     if answer is None:
                         self._enqueue(attempt)
-                    elif isinstance(answer, BaseException):
-                        attempt.future.set_exception(answer)
                     else:
-                        attempt.future.set_result(answer)
+                        _answer(attempt, answer)
         finally:
             # No await between the empty queue seen and this: an asker who
             # comes next starts a reader.
@@ -336,10 +344,8 @@ class Enroller:
                 continue
             if answer is SINGLE_PATH:
                 await self._one(attempt)
-            elif isinstance(answer, BaseException):
-                attempt.future.set_exception(answer)
             else:
-                attempt.future.set_result(answer)
+                _answer(attempt, answer)
 
     async def _one(self, attempt: Attempt) -> None:
         async def work(session: AsyncSession) -> Any:
@@ -356,7 +362,7 @@ class Enroller:
                     answer = await idempotency.run(self.db, claim, work, status_code=201)
         except BaseException as exc:  # answered to the waiting request
             if not attempt.future.done():
-                attempt.future.set_exception(exc)
+                _answer(attempt, exc)
             if not isinstance(exc, Exception):
                 raise
             return

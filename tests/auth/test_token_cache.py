@@ -83,3 +83,32 @@ async def test_x02_the_cache_is_bounded(issuer: TokenIssuer) -> None:
     for _ in range(20):
         await cached.verify(_token(issuer))
     assert len(cached._cache) <= 8
+
+
+async def test_x02_a_cached_principal_is_the_verified_one_and_not_tracked_by_gc(
+    issuer: TokenIssuer,
+) -> None:
+    """The cache keeps a string and a float per token: the collector stops
+    tracking an entry at the first collection (a rush of new tokens must not
+    swell every middle collection), and what comes back is the principal as
+    verified."""
+    import gc
+
+    cached = CachedVerifier(
+        TokenVerifier(StaticKeySource(issuer.jwks()), issuer=ISSUER, audience=AUDIENCE)
+    )
+    token = issuer.access_token(
+        subject="u9",
+        kind="user",
+        roles=["parent", "teacher"],
+        tenants=["school:s1", "region:r1"],
+        person_id="g9",
+    )
+    verified = await cached.verify(token)
+    again = await cached.verify(token)
+    assert again is not verified  # rebuilt from the packed entry ...
+    assert again == verified and again.claims == verified.claims  # ... equal, claims too
+    assert cached.cached(token) == verified
+    assert again.roles == frozenset({"parent", "teacher"}) and again.person_id == "g9"
+    gc.collect()
+    assert not gc.is_tracked(cached._cache[token])
