@@ -50,6 +50,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or ConnectionResetError("closed by the server"))
+        # The parser holds this protocol's callbacks: break the cycle, so a
+        # closed connection is freed at once, not by the garbage collector.
+        self.parser = None  # type: ignore[assignment]
 
     def _fail(self, error: BaseException) -> None:
         self.open = False

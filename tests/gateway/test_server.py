@@ -312,3 +312,35 @@ async def test_gw01_on_a_warm_pooled_connection_streams_timeouts_and_ids_are_rig
     status, _, body = await conn.response()
     assert status == 200 and json.loads(body)["path"] == "/after"
     conn.close()
+
+
+async def test_gw01_a_closed_connection_is_freed_without_the_garbage_collector(
+    fast: tuple[Echo, str], served: Served, mint: Any
+) -> None:
+    """Mobile clients connect and go all day: a closed connection must not be
+    left as a reference cycle (protocol <-> parser callbacks) for the
+    collector — each was a dozen objects swelling the gateway's pauses."""
+    import gc
+    import weakref
+
+    _, gateway = fast
+    server, _ = served.fast[gateway]
+    conn = await Conn.open(gateway)
+    await conn.send(get("/api/v1/homework/one", mint("teacher")))
+    status, _, _ = await conn.response()
+    assert status == 200
+    (protocol,) = server.conns
+    gone = weakref.ref(protocol)
+    del protocol
+    gc.disable()
+    try:
+        conn.close()
+        for _ in range(100):
+            if not server.conns:
+                break
+            await asyncio.sleep(0.01)
+        assert not server.conns
+        await asyncio.sleep(0.05)  # the transport lets go of the protocol
+        assert gone() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
