@@ -25,9 +25,9 @@ write transaction (``SoldOutReader``: one statement on PostgreSQL): "full",
 written nowhere, only when everything read as committed now — the child, the
 key, the course and its seats — says the decision would answer exactly that;
 every other asker goes to the write batch. The mark only routes askers to
-that read: each read that finds the course still full renews it, one that
-finds a seat free drops it, and so does this process freeing a seat (after
-its commit), flagging the course or changing a window.
+that read: a read that tells someone "full" renews it, one that finds a seat
+free drops it, and so does this process freeing a seat (after its commit),
+flagging the course or changing a window.
 
 The batch runs Core statements on its session's connection (no ORM unit of
 work or statement plugin here).
@@ -43,7 +43,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from fastapi.responses import Response
 from sqlalchemy import String, any_, bindparam, select, text, tuple_, update
@@ -57,7 +57,7 @@ from chassis.db import Database, utcnow
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
 from chassis.messaging import emit_many, idempotency_table
 from contracts import afterschool as ev
-from services.afterschool import rules, schemas, service
+from services.afterschool import schemas, service
 from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
 
 courses_table = Course.__table__
@@ -384,10 +384,10 @@ class SoldOutReader:
     would say exactly that (``service.check_attempt`` passes and no seat is
     free); anything else — a stored key (replayed by the write batch), a
     stranger, a free seat, a child with live enrollments (already enrolled
-    or a slot clash come first) — goes to the write batch. A course read full
-    refreshes this process's mark, so a mark never lapses into a write
-    transaction while the course stays full; one read with a free seat drops
-    it. Reads only; any failure drops the connection and hands the askers to
+    or a slot clash come first) — goes to the write batch. A read that tells
+    someone "full" renews this process's mark, so a mark never lapses into a
+    write transaction while the course stays full; one read with a free seat
+    drops it. Reads only; any failure drops the connection and hands the askers to
     the write batch."""
 
     # Each lookup is a LATERAL point read by an index, whatever the planner's
@@ -424,12 +424,14 @@ class SoldOutReader:
         self._conn: Any = None
         self._statement: Any = None
 
-    async def answers(self, batch: Sequence[Attempt]) -> list[Response | BaseException | None]:
+    async def answers(self, batch: Sequence[Attempt]) -> list[Problem | None]:
         generations = _generations(batch)
         rows = await self._fetch(batch)
-        return _told_full_or_not(
-            batch, [_Asker(*row[:5]) for row in rows], _courses_now(batch, rows), generations
-        )
+        courses = {
+            a.data.course_id: _CourseNow(*row[5:]) for a, row in zip(batch, rows, strict=True)
+        }
+        askers = [_Asker(*row[:5]) for row in rows]
+        return _told_full_or_not(batch, askers, courses, generations)
 
     async def _fetch(self, batch: Sequence[Attempt]) -> list[Any]:
         if self._statement is None:
@@ -480,64 +482,68 @@ def _generations(batch: Sequence[Attempt]) -> dict[str, tuple[int, int]]:
     return {a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch}
 
 
-def _courses_now(batch: Sequence[Attempt], rows: Sequence[Any]) -> dict[str, Any]:
-    """Course id -> (school, full now for a first-come asker) from read rows
-    whose columns 5.. are the course's school, status, full, window mode,
-    window opening and closing (None for a course that does not exist)."""
-    now = utcnow()
-    courses: dict[str, Any] = {}
-    for a, row in zip(batch, rows, strict=True):
-        school, status, full, mode, opens, closes = row[5:11]
-        if school is not None:
-            courses[a.data.course_id] = (
-                school,
-                bool(
-                    full
-                    and status == "active"
-                    and mode != "lottery"
-                    and rules.window_state(now, opens, closes) == "open"
-                ),
-            )
-    return courses
+class _CourseNow(NamedTuple):
+    """The course as a sold-out read finds it (all None: no such course)."""
+
+    school_id: str | None
+    status: str | None
+    full: bool | None
+    window_mode: str | None
+    window_opens_at: Any
+    window_closes_at: Any
 
 
 def _told_full_or_not(
     batch: Sequence[Attempt],
     askers: Sequence[_Asker],
-    courses: dict[str, Any],
+    courses: dict[str, _CourseNow],
     generations: dict[str, tuple[int, int]],
-) -> list[Response | BaseException | None]:
-    """ "Full" where the decision would say exactly that (``check_attempt``
-    passes and no seat is free), else None: the write batch decides. Marks
-    follow what was read: a course read full stays marked, one with a seat
-    free is unmarked."""
-    answers: list[Response | BaseException | None] = []
+) -> list[Problem | None]:
+    """ "Full" where the decision would say exactly that — the caller's own
+    active child with no live enrollment, a key holding nothing,
+    ``service.check_attempt`` passing, a first-come course with no seat free —
+    else None: the write batch decides. A course someone was told full of
+    keeps its mark; one read with a seat free, or not first-come, loses it."""
+    now = utcnow()
+    told: set[str] = set()
+    answers: list[Problem | None] = []
     for a, asker in zip(batch, askers, strict=True):
-        course = courses.get(a.data.course_id)
-        told_full = (
-            course is not None
-            and course[1]
-            and course[0] == asker.school_id
-            and not asker.key_stored
+        course = courses[a.data.course_id]
+        full = (
+            bool(course.full)
+            and course.window_mode != "lottery"
             and asker.own_child
             and asker.active
             and not asker.has_live_enrollment
-            and a.data.consent
+            and not asker.key_stored
             and a.principal.has_role("parent")
+            and _passes_checks(asker.school_id, course, a.data, now)
         )
-        answers.append(service.full() if told_full else None)
-    for course_id in {a.data.course_id for a in batch}:
-        course = courses.get(course_id)
-        if course is not None and course[1]:
+        if full:
+            told.add(a.data.course_id)
+        answers.append(service.full() if full else None)
+    for course_id, course in courses.items():
+        if course_id in told:
             service.mark_sold_out(course_id, generations[course_id])
-        else:
+        elif not course.full or course.window_mode == "lottery":
             service.forget_sold_out_course(course_id)
     return answers
 
 
-async def sold_out_answers(
-    db: Database, batch: Sequence[Attempt]
-) -> list[Response | BaseException | None]:
+def _passes_checks(
+    school_id: str | None, course: _CourseNow, data: schemas.EnrollIn, now: Any
+) -> bool:
+    """``service.check_attempt`` for a child with no live enrollment (so no
+    duplicate or clash): the course exists at the child's school, consent,
+    the window open, the course active."""
+    try:
+        service.check_attempt(school_id or "", course, data, (), now)
+    except Problem:
+        return False
+    return True
+
+
+async def sold_out_answers(db: Database, batch: Sequence[Attempt]) -> list[Problem | None]:
     """SQLite: the same reads as ``SoldOutReader``'s statement, as a few Core
     queries in one read transaction (SQLite has no unnest)."""
     s, g, k, e = roster.students, roster.guardianships, idempotency_table, Enrollment.__table__
@@ -555,7 +561,7 @@ async def sold_out_answers(
         guardians: dict[str, set[str]] = {}
         for row in await conn.execute(
             select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
-            .outerjoin(g, g.c.student_id == s.c.id)
+            .join(g, g.c.student_id == s.c.id)
             .where(_among(db, s.c.id, student_ids))
         ):
             students[row.id] = row
@@ -568,7 +574,7 @@ async def sold_out_answers(
             if row.status in ACTIVE_STATUSES  # (as in decide: the student's index)
         }
         course_rows = {
-            row.id: row
+            row.id: _CourseNow(*row[1:])
             for row in await conn.execute(
                 select(
                     Course.id,
@@ -584,7 +590,6 @@ async def sold_out_answers(
             )
         }
     askers = []
-    rows = []
     for a in batch:
         student = students.get(a.data.student_id)
         askers.append(
@@ -596,9 +601,9 @@ async def sold_out_answers(
                 (a.claim.client, a.claim.key) in stored,
             )
         )
-        course = course_rows.get(a.data.course_id)
-        rows.append((None,) * 5 + (tuple(course)[1:] if course is not None else (None,) * 6))
-    return _told_full_or_not(batch, askers, _courses_now(batch, rows), generations)
+    missing = _CourseNow(None, None, None, None, None, None)
+    courses = {cid: course_rows.get(cid, missing) for cid in course_ids}
+    return _told_full_or_not(batch, askers, courses, generations)
 
 
 @dataclass

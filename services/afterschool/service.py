@@ -540,8 +540,8 @@ async def open_window(
 #: Only routes parents who do not want the waitlist to the sold-out read
 #: (services/afterschool/rush.py), which answers "full" from the committed
 #: course, never from this memory; cleared when this process frees a seat,
-#: flags the course or changes a window, refreshed by every read that finds
-#: the course still full, and trusted for SOLD_OUT_TTL seconds at most.
+#: flags the course or changes a window, renewed by every read that tells
+#: someone "full", and trusted for SOLD_OUT_TTL seconds at most.
 _sold_out: dict[str, float] = {}
 #: Bumped whenever this process frees a seat of the course: a decision that
 #: read the course before the bump may not mark it full afterwards.

@@ -10,11 +10,11 @@ import asyncio
 import uuid
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 
 from chassis.messaging import idempotency_table, outbox_table
 from services.afterschool import rush
-from services.afterschool.models import ACTIVE_STATUSES
+from services.afterschool.models import ACTIVE_STATUSES, roster
 from tests.afterschool.helpers import (
     add_course,
     admin_token,
@@ -117,6 +117,16 @@ async def test_as04_sold_out_stranger_is_not_told_full(svc, mint):
         svc.client, tokens[2], school.students[2], course["id"], consent=False, waitlist=False
     )
     assert r.status_code == 422
+    # A parent token naming no person, for a child nobody is guardian of:
+    # still nobody's own child (404), not "full".
+    async with svc.ctx.db.transaction() as session:
+        await session.execute(
+            delete(roster.guardianships).where(
+                roster.guardianships.c.student_id == school.students[2]
+            )
+        )
+    r = await enroll(svc.client, mint("parent"), school.students[2], course["id"], waitlist=False)
+    assert r.status_code == 404
 
 
 async def test_as04_sold_out_answers_survive_a_lost_connection(svc, mint):
