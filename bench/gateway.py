@@ -6,7 +6,7 @@ to the direct service, and the p99 latency the gateway adds at half of peak.
 Starts, each in its own process as `make run` does: an embedded NATS server,
 the homework service (`shuangjian serve homework`, SQLite in a temporary
 directory) and the gateway in front of it (production settings: token check
-with a real EdDSA token, rate limiting on with limits far above the load,
+with a real RS256 token, rate limiting on with limits far above the load,
 JSON access log on, metrics on, webhooks off, GC_FREEZE on as under
 `shuangjian serve`; the merged OpenAPI document refreshed every 300 s as in
 a deployment with every service up, not every 5 s as while four of them are

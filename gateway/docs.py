@@ -66,7 +66,8 @@ GATEWAY_SECURITY_SCHEMES: dict[str, Any] = {
         "type": "http",
         "scheme": "bearer",
         "bearerFormat": "JWT",
-        "description": "identity 签发的访问令牌（EdDSA 签名的 JWT），放在 "
+        "description": "identity 签发的访问令牌（RS256 签名的 JWT；"
+        "旧的 Ed25519 密钥签 EdDSA），放在 "
         "`Authorization: Bearer <令牌>` 中。网关在入口验证一次，服务再各自验证。",
     },
     OAUTH2: {

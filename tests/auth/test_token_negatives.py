@@ -9,6 +9,7 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 
 from tests.conftest import AUDIENCE, ISSUER
 from tests.support import auth
@@ -39,11 +40,11 @@ def _claims(**overrides):
 def bad_tokens(signing_key) -> dict[str, str]:
     kid = signing_key.kid
     headers = {"kid": kid, "typ": "at+jwt"}
-    sign = signing_key.private_key
+    sign, alg = signing_key.private_key, signing_key.algorithm
     now = int(time.time())
     return {
         "expired": jwt.encode(
-            _claims(iat=now - 3600, exp=now - 600), sign, algorithm="EdDSA", headers=headers
+            _claims(iat=now - 3600, exp=now - 600), sign, algorithm=alg, headers=headers
         ),
         "alg_none": _b64({"alg": "none", "typ": "at+jwt", "kid": kid})
         + "."
@@ -56,19 +57,36 @@ def bad_tokens(signing_key) -> dict[str, str]:
             headers=headers,
         ),
         "wrong_audience": jwt.encode(
-            _claims(aud="someone-else"), sign, algorithm="EdDSA", headers=headers
+            _claims(aud="someone-else"), sign, algorithm=alg, headers=headers
         ),
         "wrong_issuer": jwt.encode(
-            _claims(iss="https://evil.example"), sign, algorithm="EdDSA", headers=headers
+            _claims(iss="https://evil.example"), sign, algorithm=alg, headers=headers
         ),
         "wrong_key": jwt.encode(
+            _claims(),
+            generate_private_key(public_exponent=65537, key_size=2048),
+            algorithm=alg,
+            headers=headers,
+        ),
+        # The key's JWK fixes its algorithm: an Ed25519 signature under the
+        # RSA key's kid is refused before any signature check.
+        "algorithm_not_the_keys": jwt.encode(
             _claims(), Ed25519PrivateKey.generate(), algorithm="EdDSA", headers=headers
         ),
+        "not_yet_valid": jwt.encode(
+            _claims(iat=now + 3600, nbf=now + 3600, exp=now + 7200),
+            sign,
+            algorithm=alg,
+            headers=headers,
+        ),
+        "critical_extension": jwt.encode(
+            _claims(), sign, algorithm=alg, headers={**headers, "crit": ["exp"]}
+        ),
         "unknown_kid": jwt.encode(
-            _claims(), sign, algorithm="EdDSA", headers={"kid": "other", "typ": "at+jwt"}
+            _claims(), sign, algorithm=alg, headers={"kid": "other", "typ": "at+jwt"}
         ),
         "id_token_typ": jwt.encode(
-            _claims(), sign, algorithm="EdDSA", headers={"kid": kid, "typ": "JWT"}
+            _claims(), sign, algorithm=alg, headers={"kid": kid, "typ": "JWT"}
         ),
         "garbage": "not-a-jwt",
     }

@@ -55,13 +55,16 @@ async def login(client, username: str, password: str) -> dict:
     return r.json()
 
 
-async def test_gw02_password_login_issues_eddsa_access_token_verifiable_by_jwks(identity, school):
+async def test_gw02_password_login_issues_rs256_access_token_verifiable_by_jwks(identity, school):
     tokens = await login(identity.client, "admin", "secret-pass-1")
     jwks = (await identity.client.get("/.well-known/jwks.json")).json()
     header = jwt.get_unverified_header(tokens["access_token"])
-    assert header["alg"] == "EdDSA" and header["typ"] == "at+jwt"
-    key = jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == header["kid"]))
-    claims = jwt.decode(tokens["access_token"], key, algorithms=["EdDSA"], audience="shuangjian")
+    assert header["alg"] == "RS256" and header["typ"] == "at+jwt"
+    jwk = next(k for k in jwks["keys"] if k["kid"] == header["kid"])
+    assert jwk["kty"] == "RSA" and "d" not in jwk  # the public half only
+    claims = jwt.decode(
+        tokens["access_token"], jwt.PyJWK(jwk), algorithms=["RS256"], audience="shuangjian"
+    )
     assert claims["roles"] == ["school_admin"]
     assert claims["tenants"] == [f"school:{school.id}"]
     assert tokens["expires_in"] == 900 and tokens["refresh_token"]
