@@ -133,24 +133,41 @@ async def emit_many(session: AsyncSession, events: Sequence[IntegrationEvent]) -
     """`emit` for many events in one statement (a batch's outbox rows), in order."""
     if not events:
         return []
+    envelopes, rows = _outbox_rows(session, events)
+    await session.execute(outbox_table.insert(), rows)
+    session.info.setdefault("outbox_events", []).extend(envelopes)
+    return envelopes
+
+
+def stage_events(session: AsyncSession, events: Sequence[IntegrationEvent]) -> list[dict[str, Any]]:
+    """The outbox rows of `events` (columns event_id, type, payload,
+    created_at, attempts), for a caller that writes them within a statement
+    of its own, in order and in this session's transaction — as the
+    enrollment rush does, to save a round trip. Their envelopes are handed to
+    the relay when the transaction commits: write every row (and check the
+    count) or let the transaction fail."""
+    envelopes, rows = _outbox_rows(session, events)
+    session.info.setdefault("outbox_events", []).extend(envelopes)
+    return rows
+
+
+def _outbox_rows(
+    session: AsyncSession, events: Sequence[IntegrationEvent]
+) -> tuple[list[Envelope], list[dict[str, Any]]]:
     source = session.info.get("service", "unknown")
     envelopes = [Envelope.wrap(event, source=source) for event in events]
     now = utcnow()
-    await session.execute(
-        outbox_table.insert(),
-        [
-            {
-                "event_id": envelope.id,
-                "type": envelope.type,
-                "payload": envelope.model_dump_json(),
-                "created_at": now,
-                "attempts": 0,
-            }
-            for envelope in envelopes
-        ],
-    )
-    session.info.setdefault("outbox_events", []).extend(envelopes)
-    return envelopes
+    rows = [
+        {
+            "event_id": envelope.id,
+            "type": envelope.type,
+            "payload": envelope.model_dump_json(),
+            "created_at": now,
+            "attempts": 0,
+        }
+        for envelope in envelopes
+    ]
+    return envelopes, rows
 
 
 class OutboxRelay:
