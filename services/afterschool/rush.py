@@ -53,9 +53,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from chassis import idempotency
 from chassis.auth import Principal
-from chassis.db import Database, utcnow
+from chassis.db import Database, KeptConnection, utcnow
 from chassis.errors import PROBLEM_MEDIA_TYPE, Problem, problem_body
-from chassis.messaging import emit_many, idempotency_table
+from chassis.messaging import emit_many, idempotency_table, stage_events
 from contracts import afterschool as ev
 from services.afterschool import schemas, service
 from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
@@ -63,6 +63,7 @@ from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Pla
 courses_table = Course.__table__
 
 MAX_BATCH = 500
+PIPELINE_DEPTH = 2  # write batches in flight per process (Enroller._work)
 # Sold-out reads (no locks) run side by side: an asker waits for a reader to
 # be free, not for the one read in flight to finish.
 SOLD_READERS = 2
@@ -169,6 +170,13 @@ _ENROLLMENT_COLUMNS = {
     "held_from": "timestamptz",
     "withdrawn_at": "timestamptz",
 }
+_OUTBOX_COLUMNS = {
+    "event_id": "varchar",
+    "type": "varchar",
+    "payload": "text",
+    "created_at": "timestamptz",
+    "attempts": "integer",
+}
 _KEY_COLUMNS = {
     "client": "varchar",
     "key": "varchar",
@@ -187,7 +195,8 @@ def _unnest(prefix: str, columns: dict[str, str]) -> str:
 
 
 # A batch's writes in one statement of one SQL text (PostgreSQL): the seat
-# counters (conditional, as on SQLite), the enrollments and the remembered
+# counters (conditional, as on SQLite), the enrollments, their outbox rows (in
+# order: the outbox's position is the publishing order) and the remembered
 # answers (a key answered elsewhere meanwhile skipped, so counted short).
 _WRITE_PG = text(
     "WITH seats AS ("
@@ -197,11 +206,15 @@ _WRITE_PG = text(
     " CAST(:seat_queued AS integer[])) AS v(id, taken, queued)"
     " WHERE c.id = v.id AND c.seats_taken + v.taken <= c.capacity RETURNING c.id),"
     " held AS (INSERT INTO enrollments (" + ", ".join(_ENROLLMENT_COLUMNS) + ")"
-    " SELECT * FROM unnest(" + _unnest("e_", _ENROLLMENT_COLUMNS) + ") RETURNING id)"
+    " SELECT * FROM unnest(" + _unnest("e_", _ENROLLMENT_COLUMNS) + ") RETURNING id),"
+    " events AS (INSERT INTO outbox (" + ", ".join(_OUTBOX_COLUMNS) + ")"
+    " SELECT " + ", ".join(_OUTBOX_COLUMNS) + " FROM unnest(" + _unnest("o_", _OUTBOX_COLUMNS) + ")"
+    " WITH ORDINALITY AS o(" + ", ".join(_OUTBOX_COLUMNS) + ", n) ORDER BY n RETURNING 1)"
     " INSERT INTO idempotency_keys (" + ", ".join(_KEY_COLUMNS) + ")"
     " SELECT * FROM unnest(" + _unnest("k_", _KEY_COLUMNS) + ")"
     " ON CONFLICT DO NOTHING"
-    " RETURNING key, (SELECT count(*) FROM seats) AS seats, (SELECT count(*) FROM held) AS held"
+    " RETURNING key, (SELECT count(*) FROM seats) AS seats, (SELECT count(*) FROM held) AS held,"
+    " (SELECT count(*) FROM events) AS events"
 )
 
 
@@ -209,6 +222,7 @@ async def _write_pg(
     conn: Any,
     changed: dict[str, _Seats],
     rows: list[dict[str, Any]],
+    outbox: list[dict[str, Any]],
     remembered: list[dict[str, Any]],
 ) -> bool:
     """The batch's writes on PostgreSQL; True when the batch is lost (a seat
@@ -219,12 +233,14 @@ async def _write_pg(
         "seat_queued": [left.queued for left in changed.values()],
     }
     params.update({f"e_{name}": [row[name] for row in rows] for name in _ENROLLMENT_COLUMNS})
+    params.update({f"o_{name}": [row[name] for row in outbox] for name in _OUTBOX_COLUMNS})
     params.update({f"k_{name}": [row[name] for row in remembered] for name in _KEY_COLUMNS})
     result = (await conn.execute(_WRITE_PG, params)).all()
     return (
         len(result) != len(remembered)
         or result[0].seats != len(changed)
         or result[0].held != len(rows)
+        or result[0].events != len(outbox)
     )
 
 
@@ -253,6 +269,10 @@ class Enroller:
         self.sold_readers = 0
         self.sold_tasks: set[asyncio.Task[None]] = set()
         self.pg_reader = None if db.is_sqlite else SoldOutReader(db)
+        # Two batches in flight at most (see _work), each on a kept connection.
+        self.writers = [KeptConnection(db) for _ in range(PIPELINE_DEPTH)]
+        self.idle_writers = list(self.writers)
+        self.batch_tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
 
     async def submit(self, attempt: Attempt) -> Response | Problem:
@@ -301,22 +321,43 @@ class Enroller:
             self.sold_readers -= 1
 
     async def close(self) -> None:
-        """Give back the sold-out reader's connection (at shutdown)."""
+        """Give back the sold-out reader's and the batches' connections (at
+        shutdown, once the batches in flight are answered)."""
+        if self.batch_tasks:
+            await asyncio.wait(set(self.batch_tasks), timeout=5)
         if self.pg_reader is not None:
             await self.pg_reader.close()
+        for writer in self.writers:
+            await writer.close()
 
     async def _work(self) -> None:
+        """Batches in arrival order, pipelined: the next batch starts as soon
+        as this one holds its row locks (children, then courses), so its
+        BEGIN and key look-up overlap this one's writes and commit, and it
+        waits in the database for the course behind this one — never ahead
+        of it: its attempts came later, and first come stays first served.
+        Taking its locks only after this one holds all of its own, it can
+        wait for this one but never the reverse (no deadlock). Each
+        round trip of a batch waits behind the requests the busy event loop
+        serves meanwhile, so a batch's wall time is the rush's latency."""
         try:
             while self.queue:
                 batch = self.queue[:MAX_BATCH]
                 del self.queue[:MAX_BATCH]
-                await self._run(batch)
+                locked = asyncio.Event()
+                task = asyncio.create_task(self._run(batch, locked))
+                self.batch_tasks.add(task)
+                task.add_done_callback(self.batch_tasks.discard)
+                await locked.wait()
         finally:
             self.worker = None
 
-    async def _run(self, batch: list[Attempt]) -> None:
+    async def _run(self, batch: list[Attempt], locked: asyncio.Event) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
-        await self._run_batch(batch)
+        try:
+            await self._run_batch(batch, locked)
+        finally:
+            locked.set()  # a batch that failed or took no lock holds up no other
         if _TRACE is not None:
             t1 = time.perf_counter()
             _TRACE.write(
@@ -324,19 +365,26 @@ class Enroller:
                 f" {(time.process_time() - c0) * 1000:.2f} {len(self.queue)}\n"
             )
 
-    async def _run_batch(self, batch: list[Attempt]) -> None:
+    async def _run_batch(self, batch: list[Attempt], locked: asyncio.Event) -> None:
         generations = {
             a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch
         }
+        # More batches in flight than kept connections (batches of unrelated
+        # courses do not wait for each other): the pool's.
+        writer = self.idle_writers.pop() if self.idle_writers else None
         try:
             async with self.gate:
-                answers, now_full = await decide(self.db, batch)
+                answers, now_full = await decide(self.db, batch, writer, locked)
             self.batches += 1
         except Exception:
-            # Nothing of the batch was written: decide one at a time instead.
+            # Nothing of the batch was written: decide one at a time instead
+            # (the next batch waits for these, unless this one held its locks).
             for attempt in batch:
                 await self._one(attempt)
             return
+        finally:
+            if writer is not None:
+                self.idle_writers.append(writer)
         for course_id in now_full:
             service.mark_sold_out(course_id, generations[course_id])
         for attempt, answer in zip(batch, answers, strict=True):
@@ -617,11 +665,15 @@ class _Seats:
 
 
 async def decide(
-    db: Database, batch: Sequence[Attempt]
+    db: Database,
+    batch: Sequence[Attempt],
+    writer: KeptConnection | None = None,
+    locked: asyncio.Event | None = None,
 ) -> tuple[list[Response | BaseException], dict[str, Any]]:
-    """Decide a batch of attempts (any courses) in one transaction; returns
-    each attempt's answer and the first-come courses full afterwards (with
-    their rows as read: school, status, window)."""
+    """Decide a batch of attempts (any courses) in one transaction (on the
+    writer's kept connection when given); returns each attempt's answer and
+    the first-come courses full afterwards (with their rows as read: school,
+    status, window). `locked` is set once the batch holds its row locks."""
     answers: list[Response | BaseException | None] = [None] * len(batch)
     keyed: dict[tuple[str, str], int] = {}  # (client, key) -> first attempt index
     fresh: list[int] = []
@@ -632,7 +684,7 @@ async def decide(
         keyed[k] = i
     s, g = roster.students, roster.guardianships
     now = utcnow()
-    async with db.transaction() as session:
+    async with writer.transaction() if writer is not None else db.transaction() as session:
         # Core statements on the session's connection: the ORM's unit of work
         # and its per-statement plugin are not needed on this path.
         conn = await session.connection()
@@ -676,24 +728,11 @@ async def decide(
             ).mappings():
                 students[row["id"]] = dict(row)
                 guardians.setdefault(row["id"], set()).add(row["guardian_id"])
-        course_ids = sorted({batch[i].data.course_id for i in fresh})
-        courses = {
-            row.id: row
-            for row in (
-                await conn.execute(
-                    select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
-                    .join(Plan, Plan.id == Course.plan_id)
-                    .where(_among(db, Course.id, course_ids))
-                    .order_by(Course.id)
-                    .with_for_update(of=Course)
-                )
-            )
-            if course_ids
-        }
-        seats = {
-            cid: _Seats(max(0, c.capacity - c.seats_taken), c.waitlist_seq)
-            for cid, c in courses.items()
-        }
+        # Their enrollments, read before the course's lock is taken: every
+        # change to a child's enrollments holds the child's lock (held here
+        # since the statement above), so nothing can change them meanwhile,
+        # and the course's lock — what the next batch waits for — is held
+        # one round trip less.
         mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
         if student_ids:
             for row in await conn.execute(
@@ -717,6 +756,26 @@ async def decide(
             ):
                 if row.status in ACTIVE_STATUSES:
                     mine[row.student_id].append(row)
+        course_ids = sorted({batch[i].data.course_id for i in fresh})
+        courses = {
+            row.id: row
+            for row in (
+                await conn.execute(
+                    select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
+                    .join(Plan, Plan.id == Course.plan_id)
+                    .where(_among(db, Course.id, course_ids))
+                    .order_by(Course.id)
+                    .with_for_update(of=Course)
+                )
+            )
+            if course_ids
+        }
+        if locked is not None:
+            locked.set()
+        seats = {
+            cid: _Seats(max(0, c.capacity - c.seats_taken), c.waitlist_seq)
+            for cid, c in courses.items()
+        }
         # 3. Each attempt in arrival order, as service.enroll decides it.
         rows: list[dict[str, Any]] = []
         events: list[ev.EnrollmentChanged] = []
@@ -822,9 +881,8 @@ async def decide(
         #    answers in one statement: one round trip, one execution).
         changed = {cid: left for cid, left in seats.items() if left.taken or left.queued}
         if not db.is_sqlite and remembered:
-            if await _write_pg(conn, changed, rows, remembered):
+            if await _write_pg(conn, changed, rows, stage_events(session, events), remembered):
                 raise BatchLost
-            await emit_many(session, events)
         else:
             for course_id, left in changed.items():
                 done = await conn.execute(

@@ -206,12 +206,13 @@ async def test_as04_sold_out_reader_that_cannot_start_keeps_no_connection(svc, m
         await reader.close()
         monkeypatch.setattr(rush.SoldOutReader, "SQL", "SELEC not sql")
     pool = svc.ctx.db.engine.pool
+    writers = svc.ctx.extras["enroller"].writers
 
     async def pool_idle() -> bool:
         # Background work (relay, consumers, jobs) checks connections out
         # now and then, briefly; a connection kept by a failed start never
-        # comes back.
-        return pool.checkedout() == 0
+        # comes back. The write batches keep theirs (rush.Enroller.writers).
+        return pool.checkedout() == sum(w._conn is not None for w in writers)
 
     if reader is not None:
         await eventually(pool_idle, timeout=5)
