@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,8 +178,11 @@ class KeptConnection:
     drops the connection (invalidated: its state is unknown); the next one
     checks a new one out of the pool, pre-pinged."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, settings: Mapping[str, str] | None = None) -> None:
         self.db = db
+        # Session settings of the kept connection (PostgreSQL `SET`), e.g. the
+        # planner's, for a worker whose statements are all of one kind.
+        self.settings = dict(settings or {})
         self._conn: AsyncConnection | None = None
 
     @asynccontextmanager
@@ -189,7 +192,7 @@ class KeptConnection:
                 yield session
             return
         if self._conn is None:
-            self._conn = await self.db.engine.connect()
+            self._conn = await self._connect()
         conn = self._conn
         try:
             async with AsyncSession(bind=conn, expire_on_commit=False) as session:
@@ -203,8 +206,25 @@ class KeptConnection:
                 await conn.invalidate()
             raise
 
+    async def _connect(self) -> AsyncConnection:
+        conn = await self.db.engine.connect()
+        try:
+            for name, value in self.settings.items():
+                await conn.execute(
+                    text("SELECT set_config(:name, :value, false)"), {"name": name, "value": value}
+                )
+            await conn.commit()  # a session setting outlives its transaction
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.invalidate()
+            raise
+        return conn
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await conn.close()
+                if self.settings:
+                    await conn.invalidate()  # its settings must not reach the pool
+                else:
+                    await conn.close()

@@ -64,6 +64,17 @@ courses_table = Course.__table__
 
 MAX_BATCH = 500
 PIPELINE_DEPTH = 2  # write batches in flight per process (Enroller._work)
+# The connections the rush keeps plan every statement by its index. In a
+# rush the enrollments, keys and outbox tables grow far faster than
+# autovacuum analyzes them, and PostgreSQL plans on the old statistics: with
+# a table it believes tiny it flattens the LATERAL key look-up into a hash
+# join over a sequential scan, and scans the enrollments and the
+# guardianships whole — per batch, costs growing with the table (auto_explain
+# in the bench: most batches' statements over 4 ms, PostgreSQL's CPU per
+# enrollment doubling in the bench's later phases). Every statement there is
+# a look-up by key that an index serves; `enable_seqscan = off` only makes
+# a scan the planner's last resort, so a statement with no index still runs.
+INDEX_PLANS = {"enable_seqscan": "off"}
 # Sold-out reads (no locks) run side by side: an asker waits for a reader to
 # be free, not for the one read in flight to finish.
 SOLD_READERS = 2
@@ -270,7 +281,7 @@ class Enroller:
         self.sold_tasks: set[asyncio.Task[None]] = set()
         self.pg_reader = None if db.is_sqlite else SoldOutReader(db)
         # Two batches in flight at most (see _work), each on a kept connection.
-        self.writers = [KeptConnection(db) for _ in range(PIPELINE_DEPTH)]
+        self.writers = [KeptConnection(db, settings=INDEX_PLANS) for _ in range(PIPELINE_DEPTH)]
         self.idle_writers = list(self.writers)
         self.batch_tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
@@ -486,6 +497,8 @@ class SoldOutReader:
             conn = await self.db.engine.connect()
             try:
                 raw = await conn.get_raw_connection()
+                for name, value in INDEX_PLANS.items():
+                    await raw.driver_connection.execute(f"SET {name} = {value}")
                 self._statement = await raw.driver_connection.prepare(self.SQL)
             except BaseException:
                 with contextlib.suppress(Exception):
@@ -512,7 +525,7 @@ class SoldOutReader:
         conn, self._conn, self._statement = self._conn, None, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await conn.close()
+                await conn.invalidate()  # its INDEX_PLANS must not reach the pool
 
 
 @dataclass

@@ -142,3 +142,27 @@ async def test_as04_batch_events_follow_the_decisions_order_and_are_published(sv
         return pending == 0
 
     await eventually(all_published, timeout=10)
+
+
+async def test_as04_batch_connections_plan_by_index_and_keep_it_from_the_pool(svc, mint):
+    """The rush's kept connections plan by index whatever the statistics say
+    (rush.INDEX_PLANS); the pool's connections are left as they are."""
+    school, course, tokens = await _open_course(svc, mint, students=2, capacity=3)
+    r = await enroll(svc.client, tokens[0], school.students[0], course["id"])
+    assert r.status_code == 201
+    enroller = svc.ctx.extras["enroller"]
+    if svc.ctx.db.is_sqlite:
+        # One writer per database: the batches take the ordinary transaction.
+        assert all(w._conn is None for w in enroller.writers)
+        return
+    kept = [w for w in enroller.writers if w._conn is not None]
+    assert kept
+    for writer in kept:
+        assert (await writer._conn.execute(text("SHOW enable_seqscan"))).scalar_one() == "off"
+    async with svc.ctx.db.transaction() as session:
+        assert (await session.execute(text("SHOW enable_seqscan"))).scalar_one() == "on"
+    await enroller.close()  # as at shutdown: the kept connections are not pooled again
+    assert all(w._conn is None for w in enroller.writers)
+    for _ in range(svc.ctx.db.engine.pool.size() + 2):
+        async with svc.ctx.db.transaction() as session:
+            assert (await session.execute(text("SHOW enable_seqscan"))).scalar_one() == "on"
