@@ -169,14 +169,15 @@ class Database:
 
 
 class KeptConnection:
-    """Write transactions of one sequential worker on a connection it keeps
+    """Write transactions, one at a time, on a connection kept for them
     (PostgreSQL; on SQLite simply ``Database.transaction``). Each transaction
     skips the pool's checkout and its pre-ping: for the enrollment rush's
     batches that was one round trip of nine, and on a busy event loop every
     round trip waits behind the requests served meanwhile — the batch's wall
     time, which is the rush's latency. A transaction that fails in any way
     drops the connection (invalidated: its state is unknown); the next one
-    checks a new one out of the pool, pre-pinged."""
+    checks a new one out of the pool, pre-pinged. The caller never runs two
+    transactions on one KeptConnection at once."""
 
     def __init__(self, db: Database, *, settings: Mapping[str, str] | None = None) -> None:
         self.db = db

@@ -63,7 +63,10 @@ from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Pla
 courses_table = Course.__table__
 
 MAX_BATCH = 500
-PIPELINE_DEPTH = 2  # write batches in flight per process (Enroller._work)
+# Kept connections for the write batches: two batches of one course are in
+# flight at most (Enroller._work); batches of unrelated courses, which do not
+# wait for each other, take the pool's when both are busy.
+PIPELINE_DEPTH = 2
 # The connections the rush keeps plan every statement by its index. In a
 # rush the enrollments, keys and outbox tables grow far faster than
 # autovacuum analyzes them, and PostgreSQL plans on the old statistics: with
@@ -280,7 +283,6 @@ class Enroller:
         self.sold_readers = 0
         self.sold_tasks: set[asyncio.Task[None]] = set()
         self.pg_reader = None if db.is_sqlite else SoldOutReader(db)
-        # Two batches in flight at most (see _work), each on a kept connection.
         self.writers = [KeptConnection(db, settings=INDEX_PLANS) for _ in range(PIPELINE_DEPTH)]
         self.idle_writers = list(self.writers)
         self.batch_tasks: set[asyncio.Task[None]] = set()
