@@ -267,8 +267,9 @@ def bearer_token(request: Request) -> str | None:
 
 
 class CachedVerifier:
-    """Signature checks cost about a millisecond of CPU, as much as the rest of
-    a short request. A token verified once is remembered until it expires and
+    """A token check (about 40 µs of CPU for RS256 on the development machine,
+    more for EdDSA) is paid by the gateway and the service on every request;
+    a token verified once is remembered until it expires and
     at most `max_age` seconds: a token is immutable, so the answer can only
     change when its signing key is withdrawn, which `max_age` bounds. Bounded
     in size; the oldest entries go first. `max_age` 0 turns the cache off.

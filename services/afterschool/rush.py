@@ -892,8 +892,8 @@ async def decide(
                     "completed_at": now,
                 }
             )
-        # 4. One write of each kind (on PostgreSQL the seats, enrollments and
-        #    answers in one statement: one round trip, one execution).
+        # 4. One write of each kind (on PostgreSQL the seats, enrollments,
+        #    outbox rows and answers in one statement: one round trip).
         changed = {cid: left for cid, left in seats.items() if left.taken or left.queued}
         if not db.is_sqlite and remembered:
             if await _write_pg(conn, changed, rows, stage_events(session, events), remembered):
