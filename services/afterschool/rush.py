@@ -2,13 +2,13 @@
 
 Every enrollment attempt joins this process's queue; one worker takes
 everything waiting (up to MAX_BATCH, any courses) and decides it in ONE
-transaction: the Idempotency-Keys looked up once, the children's roster rows
-locked (in id order), then the courses' rows (in id order), each attempt
-checked in arrival order exactly as ``service.enroll`` would (same refusals,
-same bodies), then one seat-counter UPDATE per course, one INSERT of the
-enrollments, one of the outbox events and one of the remembered answers
-(refusals included), one commit — and each attempt is answered. While a batch
-commits, the next one gathers.
+transaction: the children's roster rows locked (in id order); then, in one
+statement, their enrollments and the Idempotency-Keys read and the courses'
+rows locked (in id order); each attempt checked in arrival order exactly as
+``service.enroll`` would (same refusals, same bodies), then one seat-counter
+UPDATE per course, one INSERT of the enrollments, one of the outbox events
+and one of the remembered answers (refusals included), one commit — and each
+attempt is answered. While a batch commits, the next one gathers.
 
 The database stays the authority: ``0 <= seats_taken <= capacity`` is a CHECK
 constraint, live enrollments are unique per (course, student), the counter
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -45,8 +46,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import structlog
 from fastapi.responses import Response
-from sqlalchemy import String, any_, bindparam, select, text, tuple_, update
+from sqlalchemy import (
+    String,
+    any_,
+    bindparam,
+    cast,
+    literal_column,
+    null,
+    select,
+    text,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -61,12 +75,15 @@ from services.afterschool import schemas, service
 from services.afterschool.models import ACTIVE_STATUSES, Course, Enrollment, Plan, roster
 
 courses_table = Course.__table__
+log = structlog.get_logger("afterschool.rush")
 
 MAX_BATCH = 500
 # Kept connections for the write batches: two batches of one course are in
 # flight at most (Enroller._work); batches of unrelated courses, which do not
-# wait for each other, take the pool's when both are busy.
+# wait for each other, may be more — kept connections are added for them up
+# to MAX_WRITERS (a school opening its whole menu at once), then the pool's.
 PIPELINE_DEPTH = 2
+MAX_WRITERS = 4
 # The connections the rush keeps plan every statement by its index. In a
 # rush the enrollments, keys and outbox tables grow far faster than
 # autovacuum analyzes them, and PostgreSQL plans on the old statistics: with
@@ -150,23 +167,154 @@ def _keys_among(table: Any, keys: list[tuple[str, str]]) -> Any:
     return tuple_(table.c.client, table.c.key).in_(keys)
 
 
-def _stored_keys(db: Database, keys: list[tuple[str, str]]) -> Any:
-    """The stored rows of these (client, key) pairs. On PostgreSQL one point
-    read of the primary key per pair (LATERAL): ``client = ANY(...) AND key =
-    ANY(...)`` was planned as a scan of the whole table whenever it had grown
-    since its last ANALYZE — as it always has in a rush (ms per batch, growing
-    with the table)."""
-    if db.is_sqlite:
-        return select(idempotency_table).where(_keys_among(idempotency_table, keys))
+# The stored rows of (client, key) pairs on PostgreSQL: one point read of the
+# primary key per pair (LATERAL). ``client = ANY(...) AND key = ANY(...)`` was
+# planned as a scan of the whole table whenever it had grown since its last
+# ANALYZE — as it always has in a rush (ms per batch, growing with the table).
+_STORED_KEYS_PG = text(
+    "SELECT k.* FROM unnest(CAST(:key_clients AS varchar[]), CAST(:key_names AS varchar[]))"
+    " AS a(client, key) CROSS JOIN LATERAL (SELECT * FROM idempotency_keys"
+    " WHERE client = a.client AND key = a.key) AS k"
+).columns(*idempotency_table.c)
+
+
+def _tagged_union(*parts: tuple[str, list[Any]]) -> Any:
+    """Row sets of different shapes in one statement (one round trip):
+    ``kind`` says which set a row is of, the other sets' columns are NULL,
+    cast to the column's type (the result's types are the first select's:
+    dates parsed on SQLite, as for the columns themselves)."""
+    columns = [col for _, cols in parts for col in cols]
+    selects = []
+    for n, (kind, cols) in enumerate(parts):
+        own = {id(col) for col in cols}
+        row = []
+        for col in columns:
+            if id(col) in own:
+                row.append(col)
+            else:
+                # Typed: PostgreSQL types a UNION's columns pairwise, and two
+                # bare NULLs make a text column that a json one cannot join.
+                typed = cast(null(), col.type)
+                row.append(typed.label(col.name) if n == 0 else typed)
+        selects.append(select(literal_column(f"'{kind}'", String).label("kind"), *row))
+    return union_all(*selects)
+
+
+def _in_list(is_sqlite: bool, column: Any, name: str) -> Any:
+    """``column IN :name`` for a statement built once (see ``_among``)."""
+    if is_sqlite:
+        return column.in_(bindparam(name, expanding=True))
+    return column == any_(bindparam(name, type_=ARRAY(String)))
+
+
+# The batch's read statements are built once per dialect and bound to each
+# batch's values at execution: building and cache-keying such a statement
+# anew cost ~0.4-0.8 ms of CPU per batch.
+@functools.cache
+def _lock_children(is_sqlite: bool) -> Any:
+    """Statement 1 of a batch: the children (``:student_ids``) locked in id
+    order, a row per guardian."""
+    s, g = roster.students, roster.guardianships
     return (
-        text(
-            "SELECT k.* FROM unnest(CAST(:clients AS varchar[]), CAST(:keys AS varchar[]))"
-            " AS a(client, key) CROSS JOIN LATERAL (SELECT * FROM idempotency_keys"
-            " WHERE client = a.client AND key = a.key) AS k"
-        )
-        .bindparams(clients=[c for c, _ in keys], keys=[k for _, k in keys])
-        .columns(*idempotency_table.c)
+        select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
+        .join(g, g.c.student_id == s.c.id)
+        .where(_in_list(is_sqlite, s.c.id, "student_ids"))
+        .order_by(s.c.id)
+        .with_for_update(of=s)
     )
+
+
+class _LockedCourse(NamedTuple):
+    """A course as the batch decides on it (``service.COURSE_FOR_ENROLLMENT``)."""
+
+    id: str
+    name: str
+    school_id: str
+    plan_id: str
+    status: str
+    weekdays: list[int]
+    start: Any
+    end: Any
+    capacity: int
+    seats_taken: int
+    waitlist_seq: int
+    window_mode: str
+    window_opens_at: Any
+    window_closes_at: Any
+
+
+assert _LockedCourse._fields == (
+    "id",
+    "name",
+    *(col.name for col in service.COURSE_FOR_ENROLLMENT),
+), "_LockedCourse must follow service.COURSE_FOR_ENROLLMENT"
+
+
+@functools.cache
+def _read_and_lock_courses(is_sqlite: bool) -> Any:
+    """Statement 2 of a batch, in one round trip:
+
+    - ``e``: every enrollment of the children (``:student_ids``), the caller
+      keeps the live ones — a status filter here let PostgreSQL scan the
+      whole partial index uq_enrollments_live whenever the table had grown
+      since its last ANALYZE, as it always has in a rush;
+    - ``k``: the stored rows of the batch's keys (PostgreSQL ``:key_clients``
+      and ``:key_names``; SQLite ``:keys``, as pairs);
+    - ``c``: the courses (``:course_ids``) locked in id order, with their
+      plan's window — last, so the lock the next batch waits for is held
+      for the shortest time; in a MATERIALIZED CTE, as FOR UPDATE is not
+      allowed beside UNION.
+    """
+    theirs = (
+        select(
+            Enrollment.id.label("e_id"),
+            Enrollment.course_id.label("e_course_id"),
+            Enrollment.student_id.label("e_student_id"),
+            Enrollment.status.label("e_status"),
+            Course.name.label("e_name"),
+            Course.weekdays.label("e_weekdays"),
+            Course.start.label("e_start"),
+            Course.end.label("e_end"),
+        )
+        .join(Course, Course.id == Enrollment.course_id)
+        .where(_in_list(is_sqlite, Enrollment.student_id, "student_ids"))
+        .subquery("theirs")
+    )
+    if is_sqlite:
+        keys = idempotency_table
+        stored = (
+            select(keys)
+            .where(tuple_(keys.c.client, keys.c.key).in_(bindparam("keys", expanding=True)))
+            .subquery("stored")
+        )
+    else:
+        stored = _STORED_KEYS_PG.subquery("stored")
+    locked = (
+        select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
+        .join(Plan, Plan.id == Course.plan_id)
+        .where(_in_list(is_sqlite, Course.id, "course_ids"))
+        .order_by(Course.id)
+        .with_for_update(of=Course)
+        .cte("locked_courses")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    return _tagged_union(
+        ("e", list(theirs.c)),
+        ("k", [stored.c[name].label(f"k_{name}") for name in _KEY_FIELDS]),
+        ("c", [col.label(f"c_{col.name}") for col in locked.c]),
+    )
+
+
+def _read_and_lock_courses_params(
+    is_sqlite: bool, course_ids: list[str], student_ids: list[str], keys: list[tuple[str, str]]
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"course_ids": course_ids, "student_ids": student_ids}
+    if is_sqlite:
+        params["keys"] = keys
+    else:
+        params["key_clients"] = [client for client, _ in keys]
+        params["key_names"] = [key for _, key in keys]
+    return params
 
 
 _ENROLLMENT_COLUMNS = {
@@ -191,6 +339,16 @@ _OUTBOX_COLUMNS = {
     "created_at": "timestamptz",
     "attempts": "integer",
 }
+_KEY_FIELDS = (
+    "client",
+    "key",
+    "fingerprint",
+    "status",
+    "response_status",
+    "response_body",
+    "content_type",
+    "created_at",
+)
 _KEY_COLUMNS = {
     "client": "varchar",
     "key": "varchar",
@@ -287,6 +445,10 @@ class Enroller:
         self.idle_writers = list(self.writers)
         self.batch_tasks: set[asyncio.Task[None]] = set()
         self.batches = 0
+        # Batches undone and decided one by one: a few under faults (a key
+        # answered by another replica, a lost connection); a steady count
+        # means the batch path itself is broken and every parent pays for it.
+        self.batch_failures = 0
 
     async def submit(self, attempt: Attempt) -> Response | Problem:
         self._enqueue(attempt)
@@ -382,14 +544,16 @@ class Enroller:
         generations = {
             a.data.course_id: service.sold_out_generation(a.data.course_id) for a in batch
         }
-        # More batches in flight than kept connections (batches of unrelated
-        # courses do not wait for each other): the pool's.
-        writer = self.idle_writers.pop() if self.idle_writers else None
+        writer = self._idle_writer()
         try:
             async with self.gate:
                 answers, now_full = await decide(self.db, batch, writer, locked)
             self.batches += 1
-        except Exception:
+        except Exception as exc:
+            self.batch_failures += 1
+            log.warning(
+                "rush_batch_failed", attempts=len(batch), error=f"{type(exc).__name__}: {exc}"
+            )
             # Nothing of the batch was written: decide one at a time instead
             # (the next batch waits for these, unless this one held its locks).
             for attempt in batch:
@@ -407,6 +571,15 @@ class Enroller:
                 await self._one(attempt)
             else:
                 _answer(attempt, answer)
+
+    def _idle_writer(self) -> KeptConnection | None:
+        if self.idle_writers:
+            return self.idle_writers.pop()
+        if len(self.writers) < MAX_WRITERS:
+            writer = KeptConnection(self.db, settings=INDEX_PLANS)
+            self.writers.append(writer)
+            return writer
+        return None  # the pool's: planned on its statistics, still correct
 
     async def _one(self, attempt: Attempt) -> None:
         async def work(session: AsyncSession) -> Any:
@@ -697,96 +870,74 @@ async def decide(
         if k in keyed:
             continue  # a repeat inside the batch: answered like the first, below
         keyed[k] = i
-    s, g = roster.students, roster.guardianships
     now = utcnow()
     async with writer.transaction() if writer is not None else db.transaction() as session:
         # Core statements on the session's connection: the ORM's unit of work
         # and its per-statement plugin are not needed on this path.
         conn = await session.connection()
-        # 1. Keys this batch does not own: replays and refusals, written nowhere.
-        existing = {
-            (row["client"], row["key"]): row
-            for row in (await conn.execute(_stored_keys(db, list(keyed)))).mappings()
-        }
+        # 1. The children of every attempt locked, in id order (then the
+        #    courses: the order every enrollment transaction takes its locks in).
+        student_ids = sorted({a.data.student_id for a in batch})
+        students: dict[str, dict[str, Any]] = {}
+        guardians: dict[str, set[str]] = {}
+        for row in await conn.execute(_lock_children(db.is_sqlite), {"student_ids": student_ids}):
+            students[row.id] = {"id": row.id, "school_id": row.school_id, "active": row.active}
+            guardians.setdefault(row.id, set()).add(row.guardian_id)
+        # 2. In one statement, read after those locks are held: the
+        #    children's enrollments and the batch's stored keys, then the
+        #    courses locked. Still current when the courses' lock is granted
+        #    (it may wait for the batch before this one): every change to a
+        #    child's enrollments, and every answer stored for a child's
+        #    request, is made holding the child's lock — so a key retried
+        #    while its first attempt was in the batch before is seen here as
+        #    answered, not claimed twice.
+        course_ids = sorted({a.data.course_id for a in batch})
+        courses: dict[str, Any] = {}
+        mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
+        existing: dict[tuple[str, str], dict[str, Any]] = {}
+        params = _read_and_lock_courses_params(db.is_sqlite, course_ids, student_ids, list(keyed))
+        for row in await conn.execute(_read_and_lock_courses(db.is_sqlite), params):
+            if row.kind == "c":
+                courses[row.c_id] = _LockedCourse(
+                    *(getattr(row, f"c_{name}") for name in _LockedCourse._fields)
+                )
+            elif row.kind == "k":
+                existing[(row.k_client, row.k_key)] = {
+                    name: getattr(row, f"k_{name}") for name in _KEY_FIELDS
+                }
+            elif row.e_status in ACTIVE_STATUSES:
+                mine[row.e_student_id].append(
+                    _Mine(
+                        row.e_id,
+                        row.e_course_id,
+                        row.e_status,
+                        row.e_name,
+                        row.e_weekdays,
+                        row.e_start,
+                        row.e_end,
+                    )
+                )
+        if locked is not None:
+            locked.set()
+        # Keys this batch does not own: replays and refusals, written nowhere.
         for k, i in keyed.items():
-            row = existing.get(k)
-            if row is None:
+            stored = existing.get(k)
+            if stored is None:
                 fresh.append(i)
                 continue
             claim = batch[i].claim
             if (
-                row["status"] != "done"
-                and row["fingerprint"] == claim.fingerprint
-                and row["created_at"] <= claim.claimed_at - idempotency.CLAIM_LEASE
+                stored["status"] != "done"
+                and stored["fingerprint"] == claim.fingerprint
+                and stored["created_at"] <= claim.claimed_at - idempotency.CLAIM_LEASE
             ):
                 # A claim left by a request that died: the single path takes it over.
                 answers[i] = SINGLE_PATH
                 continue
             try:
-                answers[i] = idempotency.stored_answer(row, claim)
+                answers[i] = idempotency.stored_answer(stored, claim)
             except Problem as problem:
                 answers[i] = problem
-        # 2. The children, locked in id order (then the course: the order
-        #    every enrollment transaction takes its locks in).
-        student_ids = sorted({batch[i].data.student_id for i in fresh})
-        students: dict[str, dict[str, Any]] = {}
-        guardians: dict[str, set[str]] = {}
-        if student_ids:
-            for row in (
-                await conn.execute(
-                    select(s.c.id, s.c.school_id, s.c.active, g.c.guardian_id)
-                    .join(g, g.c.student_id == s.c.id)
-                    .where(_among(db, s.c.id, student_ids))
-                    .order_by(s.c.id)
-                    .with_for_update(of=s)
-                )
-            ).mappings():
-                students[row["id"]] = dict(row)
-                guardians.setdefault(row["id"], set()).add(row["guardian_id"])
-        # Their enrollments, read before the course's lock is taken: every
-        # change to a child's enrollments holds the child's lock (held here
-        # since the statement above), so nothing can change them meanwhile,
-        # and the course's lock — what the next batch waits for — is held
-        # one round trip less.
-        mine: dict[str, list[Any]] = {sid: [] for sid in student_ids}
-        if student_ids:
-            for row in await conn.execute(
-                select(
-                    Enrollment.id,
-                    Enrollment.course_id,
-                    Enrollment.student_id,
-                    Enrollment.status,
-                    Course.name,
-                    Course.weekdays,
-                    Course.start,
-                    Course.end,
-                )
-                .join(Course, Course.id == Enrollment.course_id)
-                # All the children's rows, live ones kept below: a status
-                # filter here let PostgreSQL scan the whole partial index
-                # uq_enrollments_live whenever the table had grown since its
-                # last ANALYZE — as it always has in a rush (ms per batch,
-                # growing with the table).
-                .where(_among(db, Enrollment.student_id, student_ids))
-            ):
-                if row.status in ACTIVE_STATUSES:
-                    mine[row.student_id].append(row)
-        course_ids = sorted({batch[i].data.course_id for i in fresh})
-        courses = {
-            row.id: row
-            for row in (
-                await conn.execute(
-                    select(Course.id, Course.name, *service.COURSE_FOR_ENROLLMENT)
-                    .join(Plan, Plan.id == Course.plan_id)
-                    .where(_among(db, Course.id, course_ids))
-                    .order_by(Course.id)
-                    .with_for_update(of=Course)
-                )
-            )
-            if course_ids
-        }
-        if locked is not None:
-            locked.set()
         seats = {
             cid: _Seats(max(0, c.capacity - c.seats_taken), c.waitlist_seq)
             for cid, c in courses.items()

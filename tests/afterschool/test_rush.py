@@ -103,6 +103,11 @@ async def test_as04_rush_two_taps_per_student_for_100_seats(start_service, mint,
 
     c, rows, held = await ledger(svc, course["id"])
     assert held == SEATS == c.seats_taken  # 0 oversold, 0 leaked
+    # Decided in batches, none undone: a retried key whose first tap was in
+    # the batch before is read as answered (under the child's lock), not
+    # claimed twice; a broken batch path would fall back here silently.
+    enroller = svc.ctx.extras["enroller"]
+    assert enroller.batches > 0 and enroller.batch_failures == 0
     students = [r.student_id for r in rows]
     assert len(students) == len(set(students)) == STUDENTS  # no duplicate student
     positions = [r.waitlist_position for r in rows if r.status == "waitlisted"]

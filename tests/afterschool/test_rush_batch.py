@@ -16,7 +16,7 @@ from sqlalchemy import event, func, select
 from chassis.auth import Principal
 from chassis.idempotency import IdempotentRequest
 from chassis.messaging import idempotency_table, outbox_table
-from services.afterschool import rush, schemas
+from services.afterschool import api, rush, schemas
 from services.afterschool.models import Course, Enrollment
 from tests.afterschool.helpers import (
     add_course,
@@ -156,6 +156,8 @@ async def test_as04_failed_batch_writes_nothing_then_attempts_are_decided_one_by
     # (2) Through the API: a batch that fails falls back to one attempt at a
     # time; every attempt is answered and the ledger is exact.
     tokens = [parent_token(mint, school, i) for i in range(30)]
+    enroller = api._enroller(svc.ctx)
+    failures = enroller.batch_failures
     state, remove = fail_once(svc, "INSERT INTO enrollments")
     try:
         results = await asyncio.gather(
@@ -164,6 +166,7 @@ async def test_as04_failed_batch_writes_nothing_then_attempts_are_decided_one_by
     finally:
         remove()
     assert state["raised"] == 1
+    assert enroller.batch_failures == failures + 1  # counted (and logged)
     assert Counter(r.status_code for r in results) == {201: 30}
     assert Counter(r.json()["status"] for r in results) == {"held": 10, "waitlisted": 20}
     seats, held, rows, _, events = await ledger(svc, course["id"])

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from chassis.messaging import outbox_table
+from services.afterschool import rush
 from services.afterschool.models import Course, Enrollment
 from tests.afterschool.helpers import (
     add_course,
@@ -166,3 +167,46 @@ async def test_as04_batch_connections_plan_by_index_and_keep_it_from_the_pool(sv
     for _ in range(svc.ctx.db.engine.pool.size() + 2):
         async with svc.ctx.db.transaction() as session:
             assert (await session.execute(text("SHOW enable_seqscan"))).scalar_one() == "on"
+
+
+async def test_as04_batches_of_many_courses_get_kept_connections_up_to_a_bound(svc, mint):
+    """A school opening its whole menu: batches of unrelated courses are in
+    flight side by side, each on a kept (index-planned) connection up to
+    rush.MAX_WRITERS, then on the pool's; every seat is still counted once."""
+    school = await seed_school(svc.ctx.db, students=60)
+    admin = admin_token(mint, school)
+    plan = await make_plan(svc.client, admin, school)
+    courses = []
+    for i in range(6):
+        body = course_body(school, capacity=5, name=f"兴趣课{i}")
+        courses.append(await add_course(svc.client, admin, plan["id"], body))
+    await open_window(svc.client, admin, plan["id"])
+    tokens = [parent_token(mint, school, i) for i in range(60)]
+    answers = await asyncio.gather(
+        *(
+            enroll(svc.client, tokens[i], school.students[i], courses[i % 6]["id"])
+            for i in range(60)
+        )
+    )
+    assert [r.status_code for r in answers] == [201] * 60
+    enroller = svc.ctx.extras["enroller"]
+    assert enroller.batch_failures == 0
+    assert rush.PIPELINE_DEPTH <= len(enroller.writers) <= rush.MAX_WRITERS
+    async with svc.ctx.db.read() as session:
+        for course in courses:
+            seats = (await session.get(Course, course["id"])).seats_taken
+            held = (
+                await session.execute(
+                    select(func.count()).where(
+                        Enrollment.course_id == course["id"], Enrollment.status == "held"
+                    )
+                )
+            ).scalar_one()
+            assert seats == held == 5
+
+    # Taken while all are busy: new kept connections up to the bound, then none.
+    taken = [enroller._idle_writer() for _ in range(rush.MAX_WRITERS + 1)]
+    assert [w is None for w in taken] == [False] * rush.MAX_WRITERS + [True]
+    assert len(enroller.writers) == rush.MAX_WRITERS
+    assert all(w.settings == rush.INDEX_PLANS for w in taken if w is not None)
+    enroller.idle_writers.extend(w for w in taken if w is not None)
