@@ -536,8 +536,9 @@ class Enroller:
         if _TRACE is not None:
             t1 = time.perf_counter()
             _TRACE.write(
-                f"{len(batch)} {(t0 - batch[0].queued_at) * 1000:.2f} {(t1 - t0) * 1000:.2f}"
-                f" {(time.process_time() - c0) * 1000:.2f} {len(self.queue)}\n"
+                f"{time.time():.3f} {len(batch)} {(t0 - batch[0].queued_at) * 1000:.2f}"
+                f" {(t1 - t0) * 1000:.2f} {(time.process_time() - c0) * 1000:.2f}"
+                f" {len(self.queue)}\n"
             )
 
     async def _run_batch(self, batch: list[Attempt], locked: asyncio.Event) -> None:
