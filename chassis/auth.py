@@ -167,6 +167,11 @@ class TokenVerifier:
         self.leeway = leeway
 
     async def verify(self, token: str) -> Principal:
+        return Principal.from_claims((await self.verify_payload(token))[0])
+
+    async def verify_payload(self, token: str) -> tuple[dict[str, Any], bytes]:
+        """The verified token's claims, and its payload as the JSON text they
+        were read from (what `CachedVerifier` keeps: no re-serialising)."""
         try:
             header_segment, payload_segment, signature_segment = _segments(token)
             header = _json_object(_b64url_decode(header_segment))
@@ -191,11 +196,12 @@ class TokenVerifier:
             signing_input = f"{header_segment}.{payload_segment}".encode("ascii")
             if not key.Algorithm.verify(signing_input, key.key, signature):
                 raise ValueError("bad signature")
-            claims = _json_object(_b64url_decode(payload_segment))
+            payload = _b64url_decode(payload_segment)
+            claims = _json_object(payload)
         except ValueError as exc:
             raise _unauthorized("访问令牌无效。") from exc
         self._check_claims(claims)
-        return Principal.from_claims(claims)
+        return claims, payload
 
     def _check_claims(self, claims: dict[str, Any]) -> None:
         for name in ("exp", "iat", "iss", "aud", "sub"):
@@ -274,7 +280,8 @@ class CachedVerifier:
     change when its signing key is withdrawn, which `max_age` bounds. Bounded
     in size; the oldest entries go first. `max_age` 0 turns the cache off.
 
-    An entry is the token's claims as JSON text and the time it ends, and a
+    An entry is the token's claims as the JSON text of its payload (bytes, as
+    verified: not serialised again) and the time it ends, and a
     hit rebuilds the principal from them (``Principal.from_claims``, as the
     verification does): a str and a float, which the garbage collector stops
     tracking at the first collection the entry survives. A cached Principal
@@ -290,7 +297,7 @@ class CachedVerifier:
         self.verifier = verifier
         self.size = size
         self.max_age = max_age
-        self._cache: dict[str, tuple[str, float]] = {}
+        self._cache: dict[str, tuple[bytes, float]] = {}
 
     def cached(self, token: str) -> Principal | None:
         """The principal of a token verified before and not yet expired
@@ -307,8 +314,9 @@ class CachedVerifier:
             if hit[1] > now:
                 return Principal.from_claims(json.loads(hit[0]))
             del self._cache[token]
-        principal = await self.verifier.verify(token)
-        exp = principal.claims.get("exp")
+        claims, payload = await self.verifier.verify_payload(token)
+        principal = Principal.from_claims(claims)
+        exp = claims.get("exp")
         until = now + self.max_age
         if isinstance(exp, int | float):
             until = min(until, float(exp))
@@ -317,7 +325,7 @@ class CachedVerifier:
                 # Drop the oldest eighth (dicts keep insertion order).
                 for key in list(self._cache)[: max(1, self.size // 8)]:
                     self._cache.pop(key, None)
-            self._cache[token] = (json.dumps(principal.claims), until)
+            self._cache[token] = (payload, until)
         return principal
 
 

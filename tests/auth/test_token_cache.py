@@ -94,7 +94,7 @@ async def test_x02_the_cache_is_bounded(issuer: TokenIssuer) -> None:
 async def test_x02_a_cached_principal_is_the_verified_one_and_not_tracked_by_gc(
     issuer: TokenIssuer,
 ) -> None:
-    """The cache keeps a string and a float per token: the collector stops
+    """The cache keeps the payload bytes and a float per token: the collector stops
     tracking an entry at the first collection (a rush of new tokens must not
     swell every middle collection), and what comes back is the principal as
     verified."""
