@@ -547,19 +547,33 @@ class Enroller:
         }
         writer = self._idle_writer()
         try:
-            async with self.gate:
-                answers, now_full = await decide(self.db, batch, writer, locked)
-            self.batches += 1
-        except Exception as exc:
-            self.batch_failures += 1
-            log.warning(
-                "rush_batch_failed", attempts=len(batch), error=f"{type(exc).__name__}: {exc}"
-            )
-            # Nothing of the batch was written: decide one at a time instead
-            # (the next batch waits for these, unless this one held its locks).
-            for attempt in batch:
-                await self._one(attempt)
-            return
+            for tries_left in (1, 0):
+                try:
+                    async with self.gate:
+                        answers, now_full = await decide(self.db, batch, writer, locked)
+                    self.batches += 1
+                    break
+                except Exception as exc:
+                    self.batch_failures += 1
+                    lost = isinstance(exc, BatchLost)
+                    log.warning(
+                        "rush_batch_failed",
+                        attempts=len(batch),
+                        error=f"{type(exc).__name__}: {exc}",
+                        again_as_batch=lost and tries_left > 0,
+                    )
+                    if lost and tries_left:
+                        # One of its keys was answered meanwhile (a tap retried
+                        # across two batches, another replica): decided again
+                        # it reads that answer and replays it, instead of every
+                        # attempt of the batch taking the single path.
+                        continue
+                    # Nothing of the batch was written: decide one at a time
+                    # (the next batch waits for these, unless this one held
+                    # its locks).
+                    for attempt in batch:
+                        await self._one(attempt)
+                    return
         finally:
             if writer is not None:
                 self.idle_writers.append(writer)

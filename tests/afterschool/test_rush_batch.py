@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 from collections import Counter
 
@@ -279,3 +280,79 @@ async def test_as04_key_left_in_flight_by_a_dead_request_is_taken_over_after_its
     assert r.status_code == 409 and r.headers["Retry-After"] == "1"
     seats, held, rows, _, _ = await ledger(svc, course["id"])
     assert (seats, held, rows) == (2, 2, 2)
+
+
+async def test_as04_batch_lost_to_a_key_answered_meanwhile_is_decided_again_as_a_batch(
+    svc, mint, monkeypatch
+):
+    """A key of the batch answered by someone else between the batch's read
+    and its write (another replica; a tap retried across two batches) undoes
+    the batch — decided again as a batch, that attempt gets the stored answer
+    replayed and the others their seats, none of them on the single path."""
+    school, course = await hot_course(svc, mint, students=12, capacity=5)
+    enroller = api._enroller(svc.ctx)
+    failures, batches = enroller.batch_failures, enroller.batches
+    now = dt.datetime.now(dt.UTC)
+    attempts = []
+    for i in range(12):
+        principal = Principal(
+            subject=f"r{i}", kind="user", roles=frozenset({"parent"}), person_id=school.guardians[i]
+        )
+        claim = IdempotentRequest(f"r{i}", f"rk{i}", "e" * 64, now)
+        data = schemas.EnrollIn(student_id=school.students[i], course_id=course["id"], consent=True)
+        attempts.append(rush.Attempt(principal, data, True, claim))
+
+    async def answered_elsewhere() -> None:
+        async with svc.ctx.db.transaction() as session:
+            await session.execute(
+                idempotency_table.insert().values(
+                    client="r0",
+                    key="rk0",
+                    fingerprint="e" * 64,
+                    status="done",
+                    response_status=201,
+                    response_body=b'{"answered_by": "another replica"}',
+                    content_type="application/json",
+                    created_at=now,
+                    completed_at=now,
+                )
+            )
+
+    if svc.ctx.db.is_sqlite:
+        # One writer per SQLite database: no one can answer a key while the
+        # batch writes, so the write's finding is raised where it would be.
+        real_decide = rush.decide
+
+        async def decide_once_lost(*args, **kwargs):
+            monkeypatch.setattr(rush, "decide", real_decide)
+            await answered_elsewhere()
+            raise rush.BatchLost
+
+        monkeypatch.setattr(rush, "decide", decide_once_lost)
+    else:
+        real_write = rush._write_pg
+
+        async def write_after_another_answer(*args, **kwargs):
+            monkeypatch.setattr(rush, "_write_pg", real_write)
+            await answered_elsewhere()  # committed before the batch's write
+            return await real_write(*args, **kwargs)
+
+        monkeypatch.setattr(rush, "_write_pg", write_after_another_answer)
+    single = []
+    real_one = rush.Enroller._one
+
+    async def counted_one(self, attempt):
+        single.append(attempt)
+        await real_one(self, attempt)
+
+    monkeypatch.setattr(rush.Enroller, "_one", counted_one)
+
+    answers = await asyncio.gather(*(enroller.submit(a) for a in attempts))
+    assert enroller.batch_failures == failures + 1
+    assert enroller.batches > batches and single == []
+    assert answers[0].body == b'{"answered_by": "another replica"}'
+    assert answers[0].headers["Idempotent-Replayed"] == "true"
+    statuses = Counter(json.loads(a.body)["status"] for a in answers[1:])
+    assert statuses == {"held": 5, "waitlisted": 6}
+    seats, held, rows, _, _ = await ledger(svc, course["id"])
+    assert (seats, held, rows) == (5, 5, 11)
