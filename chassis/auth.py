@@ -283,7 +283,7 @@ class CachedVerifier:
     An entry is the token's claims as the JSON text of its payload (bytes, as
     verified: not serialised again) and the time it ends, and a
     hit rebuilds the principal from them (``Principal.from_claims``, as the
-    verification does): a str and a float, which the garbage collector stops
+    verification does): bytes and a float, which the garbage collector stops
     tracking at the first collection the entry survives. A cached Principal
     was nine tracked objects (itself, its __dict__, three frozensets, the
     claims dict and its lists, the entry): in a rush of parents not seen

@@ -28,11 +28,6 @@ from tests.support import auth, eventually
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 def facts(cls, institution_id: str, *, status: str, can_enroll: bool, **extra):
     return cls(
         institution_id=institution_id,

@@ -26,11 +26,6 @@ from tests.support import auth
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 async def menu(svc, mint, *, students=3, capacity=30, mode="first_come", courses=1, **window):
     school = await seed_school(svc.ctx.db, students=students)
     token = admin_token(mint, school)

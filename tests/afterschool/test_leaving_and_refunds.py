@@ -33,11 +33,6 @@ pytestmark = pytest.mark.asyncio
 MONTH = "2027-01"  # a month of the term after today's date: nothing served yet
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 async def publish_identity(svc, event) -> None:
     bus = svc.ctx.bus
     await bus.wait_connected(10)

@@ -30,11 +30,6 @@ pytestmark = pytest.mark.asyncio
 NOV = ["2026-11-02", "2026-11-04", "2026-11-09"]  # Mon, Wed, Mon
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 async def running_course(svc, mint, *, students=3, fee=18000):
     school = await seed_school(svc.ctx.db, students=students)
     token = admin_token(mint, school)

@@ -18,11 +18,6 @@ from tests.support import auth
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 async def test_as01_plan_counts_service_days_from_calendar_and_swaps(svc, mint):
     school = await seed_school(svc.ctx.db)
     plan = await make_plan(svc.client, admin_token(mint, school), school)

@@ -30,11 +30,6 @@ from tests.support import eventually
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 async def _open_course(svc, mint, students: int, capacity: int):
     school = await seed_school(svc.ctx.db, students=students)
     admin = admin_token(mint, school)

@@ -30,11 +30,6 @@ from tests.support import eventually
 pytestmark = pytest.mark.asyncio
 
 
-@pytest.fixture
-async def svc(start_service):
-    return await start_service("afterschool")
-
-
 async def full_course(svc, mint, students: int):
     """A one-seat course, taken by child 0, and known full in this process."""
     school = await seed_school(svc.ctx.db, students=students)
